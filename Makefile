@@ -1,0 +1,46 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Installed first and explicitly, so the package's lower bounds never pull a newer multi-GB build.
+TORCH := torch==2.14.1 torchvision==0.29.1
+FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO := $(BIN)/fairtune
+DEMO_DATA := --dataset fmnist-s --train-size 6000 --eval-size 2000 --epochs 3
+
+.PHONY: install data test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# Fashion-MNIST (for fmnist-s) comes from Debian's dataset-fashion-mnist package.
+data:
+	@if [ -f $(FMNIST_DEB) ] || [ -f data/fashion-mnist/train-images-idx3-ubyte.gz ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or put the four IDX .gz files in data/fashion-mnist/"; \
+		exit 1; \
+	fi
+
+test: install data
+	$(BIN)/python -m pytest -q
+
+demo: install data
+	$(DEMO) list
+	$(DEMO) teacher $(DEMO_DATA) --seeds 0
+	$(DEMO) train --method mfd --lam 3 $(DEMO_DATA) --seed 0
+
+bench: install data
+	@ls benchmarks/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,3 @@
+from fairtune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""Types every dataset module returns, and the helpers they share.
+
+A split is three aligned arrays: uint8 images (N, 3, H, W), class labels and group labels. Small
+datasets hold the images as a torch tensor; face datasets as a read-only ``numpy.memmap`` over the
+decode-once cache, so that only the batches in flight are ever in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+Augment = Literal["flip", "resize_crop_flip", "random_resized_crop_flip"]
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Everything that decides which samples a run sees; part of a teacher's identity."""
+
+    dataset: str
+    seed: int = 0
+    skew: float | None = None  # cifar10s / fmnist-s; None = the dataset's default
+    train_size: int | None = None  # stratified subsample of train (class x group)
+    eval_size: int | None = None  # stratified subsample of val and of test
+    target: str | None = None  # celeba attribute; None = Attractive
+    select_on: Literal["val", "test"] = "val"
+
+    def fingerprint(self) -> dict:
+        """The settings a trained model depends on; a teacher with another fingerprint is refused."""
+        return asdict(self)
+
+
+class ImageView:
+    """Rows ``index`` of a memory-mapped (N, 3, H, W) uint8 array, read only when gathered."""
+
+    def __init__(self, array: "np.ndarray | ImageView", index: np.ndarray) -> None:
+        if isinstance(array, ImageView):
+            array, index = array.array, array.index[index]
+        self.array = array
+        self.index = np.asarray(index, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self.array.shape[1:])
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return self.array[self.index[rows]]
+
+
+@dataclass
+class Split:
+    images: "torch.Tensor | np.ndarray | ImageView"  # uint8 (N, 3, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    groups: torch.Tensor  # int64 (N,)
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if len(self.labels) != n or len(self.groups) != n:
+            raise ValueError(f"split arrays disagree: {n} images, {len(self.labels)} labels, {len(self.groups)} groups")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "Split":
+        index = torch.as_tensor(index, dtype=torch.long)
+        if isinstance(self.images, torch.Tensor):
+            images = self.images[index]
+        else:  # a memmap stays on disk: keep a lazy view instead of copying the rows
+            images = ImageView(self.images, index.numpy())
+        return Split(images, self.labels[index], self.groups[index])
+
+    def cell_counts(self, num_classes: int, num_groups: int) -> torch.Tensor:
+        """(G, C) number of samples per (group, class) cell."""
+        flat = self.groups * num_classes + self.labels
+        return torch.bincount(flat, minlength=num_groups * num_classes).reshape(num_groups, num_classes)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    class_names: tuple[str, ...]
+    group_names: tuple[str, ...]
+    model: str  # key of fairtune.models.build_model
+    image_size: int  # side the model sees
+    augment: Augment
+    normalize: bool  # ImageNet mean/std (faces); small datasets stay in [0, 1]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
+
+
+@dataclass
+class DatasetSplits:
+    info: DatasetInfo
+    options: DataOptions
+    train: Split
+    val: Split
+    test: Split
+    notes: dict = field(default_factory=dict)  # e.g. {"malformed_skipped": 3}
+
+    @property
+    def selection(self) -> Split:
+        """The split the search and the LR scheduler look at (SPEC §4: never test, unless asked)."""
+        return self.test if self.options.select_on == "test" else self.val
+
+
+def stratified_subsample(split: Split, size: int | None, num_classes: int, num_groups: int, seed: int) -> Split:
+    """Keep ``size`` samples with every (class, group) cell in proportion (largest remainder).
+
+    Cells that are non-empty keep at least one sample when ``size`` allows it, so a quick run never
+    silently loses a whole cell.
+    """
+    if size is None or size >= len(split):
+        return split
+    if size <= 0:
+        raise ValueError(f"subsample size must be positive, got {size}")
+    flat = split.groups * num_classes + split.labels
+    counts = torch.bincount(flat, minlength=num_classes * num_groups).double()
+    quota = counts * size / counts.sum()
+    take = quota.floor().long()
+    nonempty = counts > 0
+    starved = nonempty & (take == 0)
+    take[starved] = 1
+    remaining = size - int(take.sum())
+    if remaining > 0:
+        remainder = (quota - quota.floor()).masked_fill(starved | (take >= counts.long()), -1.0)
+        extra = torch.argsort(remainder, descending=True, stable=True)[:remaining]
+        take[extra] += 1
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(split), generator=gen)
+    chosen = []
+    for cell in torch.nonzero(take).flatten().tolist():
+        members = order[flat[order] == cell]
+        chosen.append(members[: int(take[cell])])
+    index = torch.sort(torch.cat(chosen)).values
+    return split.subset(index)
+
+
+def file_fingerprint(paths: list[Path]) -> str:
+    """Cheap identity of a set of source files (name, size, mtime), to know when a cache is stale."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        stat = path.stat()
+        digest.update(json.dumps([path.name, stat.st_size, int(stat.st_mtime_ns)]).encode())
+    return digest.hexdigest()[:16]

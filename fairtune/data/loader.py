@@ -1,0 +1,132 @@
+"""Batches as index gathers, augmentation as batched tensor ops on the training device.
+
+No DataLoader and no per-sample Python: small datasets move to the device once as uint8; face
+datasets gather rows from the decode-once memmap cache. Random augmentation parameters for a whole
+epoch are drawn up front from the run's generator, which keeps runs reproducible and resumable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fairtune.data.base import DatasetInfo, Split
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+UTKFACE_RESIZE = 256  # resize 256x256, then random crop (SPEC §6)
+
+
+class BatchSource:
+    """One split, ready to hand out model-ready batches on ``device``."""
+
+    def __init__(self, split: Split, info: DatasetInfo, device: torch.device) -> None:
+        self.info = info
+        self.device = device
+        self.on_device = isinstance(split.images, torch.Tensor)
+        self.images = split.images.to(device) if self.on_device else split.images
+        self.labels = split.labels.to(device)
+        self.groups = split.groups.to(device)
+        self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """uint8 images, labels and groups of ``index`` (a 1-D int64 tensor), all on the device."""
+        if self.on_device:
+            index = index.to(self.device, non_blocking=True)
+            return self.images[index], self.labels[index], self.groups[index]
+        rows = torch.from_numpy(np.ascontiguousarray(self.images[index.cpu().numpy()]))
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()
+        index = index.to(self.device, non_blocking=True)
+        return rows.to(self.device, non_blocking=True), self.labels[index], self.groups[index]
+
+    def draw_augmentation(self, num_batches: int, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Every random number the epoch's augmentation needs, (num_batches, batch_size, ...) on the device."""
+        shape = (num_batches, batch_size)
+        params = {"flip": torch.rand(shape, generator=generator) < 0.5}
+        if self.info.augment == "resize_crop_flip":
+            params["crop"] = torch.rand(*shape, 2, generator=generator)
+        elif self.info.augment == "random_resized_crop_flip":
+            params["area"] = torch.rand(shape, generator=generator)
+            params["log_ratio"] = torch.rand(shape, generator=generator)
+            params["center"] = torch.rand(*shape, 2, generator=generator)
+        return {k: v.to(self.device, non_blocking=True) for k, v in params.items()}
+
+    def train_batch(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Augmented float batch; ``params`` holds one batch's row of :meth:`draw_augmentation`."""
+        x = images.float().div_(255.0)
+        size = self.info.image_size
+        if self.info.augment == "resize_crop_flip":
+            x = F.interpolate(x, size=(UTKFACE_RESIZE, UTKFACE_RESIZE), mode="bilinear", antialias=True, align_corners=False)
+            x = _crop(x, params["crop"][: len(x)], size)
+        elif self.info.augment == "random_resized_crop_flip":
+            x = _random_resized_crop(x, params, size)
+        flip = params["flip"][: len(x)].view(-1, 1, 1, 1)
+        x = torch.where(flip, x.flip(3), x)
+        return self._finish(x)
+
+    def eval_batch(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0)
+        size = self.info.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return self._finish(x)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        if self.info.normalize:
+            x = (x - self._mean) / self._std
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def eval_chunks(self, batch_size: int):
+        """Sequential (index) chunks covering the split once."""
+        for start in range(0, len(self), batch_size):
+            yield torch.arange(start, min(start + batch_size, len(self)))
+
+
+def _crop(x: torch.Tensor, unit_offsets: torch.Tensor, size: int) -> torch.Tensor:
+    """Per-sample random crop of ``size`` pixels, offsets given as uniforms in [0, 1)."""
+    b, _, h, w = x.shape
+    top = (unit_offsets[:, 0] * (h - size + 1)).long()
+    left = (unit_offsets[:, 1] * (w - size + 1)).long()
+    steps = torch.arange(size, device=x.device)
+    rows = (top[:, None] + steps)[:, None, :, None]
+    cols = (left[:, None] + steps)[:, None, None, :]
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    channel = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return x[batch, channel, rows, cols]
+
+
+def _random_resized_crop(x: torch.Tensor, params: dict[str, torch.Tensor], size: int) -> torch.Tensor:
+    """torchvision's RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) for a whole batch at once.
+
+    Hand-written because torchvision draws one crop per call; here each sample's box becomes an
+    affine sampling grid. Boxes that do not fit fall back to the whole image (torchvision falls
+    back to a centre crop after 10 rejected draws; one draw and this fallback keep it batched).
+    """
+    b, _, h, w = x.shape
+    area = (0.08 + 0.92 * params["area"][:b]) * (h * w)
+    ratio = torch.exp(math.log(3 / 4) + params["log_ratio"][:b] * (math.log(4 / 3) - math.log(3 / 4)))
+    crop_w = torch.sqrt(area * ratio)
+    crop_h = torch.sqrt(area / ratio)
+    fits = (crop_w <= w) & (crop_h <= h)
+    crop_w = torch.where(fits, crop_w, torch.full_like(crop_w, w))
+    crop_h = torch.where(fits, crop_h, torch.full_like(crop_h, h))
+    # Box centre in normalised [-1, 1] coordinates, anywhere the box stays inside the image.
+    cx = (params["center"][:b, 0] * 2 - 1) * (1 - crop_w / w)
+    cy = (params["center"][:b, 1] * 2 - 1) * (1 - crop_h / h)
+    theta = torch.zeros(b, 2, 3, device=x.device)
+    theta[:, 0, 0] = crop_w / w
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = crop_h / h
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

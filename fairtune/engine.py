@@ -1,0 +1,302 @@
+"""The one training loop every method runs through.
+
+A :class:`Trainer` owns the student, its optimiser and LR scheduler, the adversaries when the
+method has them, and the generator behind batches and augmentation; ``state_dict`` captures all of
+it so a run restored at an epoch boundary continues exactly as if never stopped. After each epoch it
+evaluates on the selection split and hands a metrics dict to a callback (Ray Tune's reporter, or
+the CLI's progress printer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fairtune import losses
+from fairtune.data import DatasetSplits
+from fairtune.data.loader import BatchSource
+from fairtune.data.sampler import balanced_plan, random_plan
+from fairtune.methods import TERMS, Batch, Method, get_method
+from fairtune.metrics import cell_tallies, fairness_report, objective_value
+from fairtune.models import build_model
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; the run cannot continue."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3
+    adv_lr: float = 3e-3  # the supplement's value (SPEC §3, `ad`)
+    T: float | None = None
+    lam: float | None = None
+    distill_lam: float | None = None
+    objective: str = "acc-deo_a"
+    eval_batch_size: int = 500
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
+
+    def hyperparameters(self) -> dict[str, float]:
+        return {k: v for k, v in (("T", self.T), ("lam", self.lam), ("distill_lam", self.distill_lam)) if v is not None}
+
+
+@dataclass
+class EpochPlan:
+    """Where epoch ``index`` (0-based, over the whole run) sits in the method's schedule."""
+
+    index: int
+    stage: str  # "hint" (FitNet's stage 1) or "main"
+    kd_weight: float  # annealed λ_h of Hinton KD for this epoch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Trainer:
+    config: TrainConfig
+    data: DatasetSplits
+    teacher: nn.Module | None = None
+    device: torch.device = field(default_factory=resolve_device)
+
+    def __post_init__(self) -> None:
+        self.method: Method = get_method(self.config.method)
+        missing = [p for p in self.method.params if getattr(self.config, p) is None]
+        if missing:
+            raise ValueError(f"method {self.method.name} needs {', '.join(missing)}")
+        if self.method.needs_teacher and self.teacher is None:
+            raise ValueError(f"method {self.method.name} needs a teacher")
+        info = self.data.info
+        self.seed = self.data.options.seed
+        torch.manual_seed(self.seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.student = build_model(info.model, info.num_classes, info.image_size).to(self.device)
+        if self.device.type == "cuda":
+            self.student = self.student.to(memory_format=torch.channels_last)
+        if self.teacher is not None:
+            self.teacher = self.teacher.to(self.device).eval().requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.student.parameters(), lr=self.config.lr)
+        self.scheduler = self._plateau(self.optimizer)
+        self.adversaries = None
+        self.adv_optimizers: list[torch.optim.Optimizer] = []
+        self.adv_schedulers: list = []
+        if self.method.adversary:
+            # Fresh at the start of the run; one optimiser and plateau scheduler per class (SPEC §3).
+            self.adversaries = losses.ClassAdversaries(info.num_classes, info.num_groups).to(self.device)
+            self.adv_optimizers = [torch.optim.Adam(m.parameters(), lr=self.config.adv_lr) for m in self.adversaries]
+            self.adv_schedulers = [self._plateau(o) for o in self.adv_optimizers]
+        self.train_source = BatchSource(self.data.train, info, self.device)
+        self.selection_source = BatchSource(self.data.selection, info, self.device)
+        self.epoch = 0  # epochs completed
+        self.history: list[dict] = []
+
+    # -- schedule -----------------------------------------------------------------------------
+    @property
+    def hint_epochs(self) -> int:
+        return self.config.epochs // 2 if self.method.hint_stage else 0
+
+    @property
+    def total_epochs(self) -> int:
+        """FitNet runs 1.5·E epochs: E/2 of hints, then E of CE + KD."""
+        return self.hint_epochs + self.config.epochs
+
+    def plan(self, index: int) -> EpochPlan:
+        stage = "hint" if index < self.hint_epochs else "main"
+        kd_epoch = max(index - self.hint_epochs, 0)
+        kd_weight = losses.hkd_weight(kd_epoch, self.config.epochs) if self.method.uses_kd_annealing else 0.0
+        return EpochPlan(index, stage, kd_weight)
+
+    # -- training -----------------------------------------------------------------------------
+    def fit(self, callback: Callable[[dict], None] | None = None) -> list[dict]:
+        """Train the remaining epochs; ``callback`` gets each epoch's metrics (after evaluation)."""
+        while self.epoch < self.total_epochs:
+            metrics = self.run_epoch()
+            if callback is not None:
+                callback(metrics)
+        return self.history
+
+    def run_epoch(self) -> dict:
+        plan = self.plan(self.epoch)
+        train_stats = self._train_one_epoch(plan)
+        selection = self.evaluate(self.selection_source)
+        if plan.stage == "main":
+            self.scheduler.step(selection["loss"])
+            for scheduler, adv_loss in zip(self.adv_schedulers, selection.get("adversary_loss", [])):
+                if adv_loss is not None:
+                    scheduler.step(adv_loss)
+        self.epoch += 1
+        metrics = {
+            "epoch": self.epoch,
+            "stage": plan.stage,
+            "kd_weight": plan.kd_weight,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **{f"train/{k}": v for k, v in train_stats.items()},
+            **{k: v for k, v in selection.items() if k != "adversary_loss"},
+            "objective": objective_value(
+                self.config.objective, accuracy=selection["accuracy"], deo_a=selection["deo_a"], deo_m=selection["deo_m"]
+            ),
+        }
+        if "adversary_loss" in selection:
+            metrics["adversary_loss"] = selection["adversary_loss"]
+        self.history.append(metrics)
+        return metrics
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _train_one_epoch(self, plan: EpochPlan) -> dict[str, float]:
+        info = self.data.info
+        labels, groups = self.data.train.labels, self.data.train.groups
+        if self.method.sampler == "balanced":
+            index_plan = balanced_plan(labels, groups, info.num_classes, info.num_groups, self.config.batch_size, self.generator)
+        else:
+            index_plan = random_plan(len(labels), self.config.batch_size, self.generator)
+        augmentation = self.train_source.draw_augmentation(*index_plan.shape, self.generator)
+        hp = self.config.hyperparameters()
+        self.student.train()
+        if self.adversaries is not None:
+            self.adversaries.train()
+        sums: dict[str, torch.Tensor] = {}
+        for step, index in enumerate(index_plan):
+            images, y, g = self.train_source.gather(index)
+            x = self.train_source.train_batch(images, {k: v[step] for k, v in augmentation.items()})
+            batch = Batch(y, g, info.num_classes, info.num_groups)
+            with self._autocast():
+                student = self.student(x)
+                teacher = None
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        teacher = self.teacher(x)
+                terms = self._loss_terms(plan, student, teacher, batch, hp)
+            loss = torch.stack([t.float() for t in terms.values()]).sum()
+            self.optimizer.zero_grad(set_to_none=True)
+            for optimizer in self.adv_optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if plan.stage == "main":
+                for optimizer in self.adv_optimizers:
+                    optimizer.step()
+            # Accumulated on the device: one host sync per epoch, not per step.
+            for name, value in (("loss", loss), *terms.items()):
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+        stats = {name: float(total) / len(index_plan) for name, total in sums.items()}
+        if not math.isfinite(stats["loss"]):
+            bad = ", ".join(f"{k}={v}" for k, v in stats.items() if not math.isfinite(v))
+            raise NonFiniteLoss(f"training loss became non-finite in epoch {plan.index + 1} ({bad})")
+        return stats
+
+    def _loss_terms(self, plan: EpochPlan, student, teacher, batch: Batch, hp: dict) -> dict[str, torch.Tensor]:
+        if plan.stage == "hint":
+            return {"hint": losses.hint_loss(student.features, teacher.features)}
+        terms = {"ce": F.cross_entropy(student.logits, batch.labels)}
+        for term in self.method.terms:
+            terms[term.loss] = TERMS[term.loss](student, teacher, batch, hp.get(term.param), plan.kd_weight)
+        if self.adversaries is not None:
+            terms["adversary"] = losses.ad_loss(student.logits.float(), batch.labels, batch.groups, self.adversaries, hp["lam"])
+        return terms
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def evaluate(self, source: BatchSource) -> dict:
+        """Accuracy, DEO_A, DEO_M, acc[g,c] and mean student CE (the plateau scheduler's signal)."""
+        info = self.data.info
+        self.student.eval()
+        correct = total = ce_sum = None
+        adv_sum = adv_count = None
+        for index in source.eval_chunks(self.config.eval_batch_size):
+            images, y, g = source.gather(index)
+            with self._autocast():
+                logits = self.student(source.eval_batch(images)).logits.float()
+            c, t = cell_tallies(y, logits.argmax(1), groups=g, num_classes=info.num_classes, num_groups=info.num_groups)
+            ce = F.cross_entropy(logits, y, reduction="sum")
+            correct, total = (c, t) if correct is None else (correct + c, total + t)
+            ce_sum = ce if ce_sum is None else ce_sum + ce
+            if self.adversaries is not None:
+                self.adversaries.eval()
+                per_sample = self.adversaries.per_sample_ce(logits, y, g)
+                s = torch.bincount(y, weights=per_sample.double(), minlength=info.num_classes)
+                n = torch.bincount(y, minlength=info.num_classes)
+                adv_sum, adv_count = (s, n) if adv_sum is None else (adv_sum + s, adv_count + n)
+        report = fairness_report(correct, total)
+        result = {
+            "loss": float(ce_sum) / len(source),
+            "accuracy": report.accuracy,
+            "deo_a": report.deo_a,
+            "deo_m": report.deo_m,
+            "acc_matrix": report.acc_matrix,
+            "cell_counts": report.cell_counts,
+            "empty_cells": [list(cell) for cell in report.empty_cells],
+        }
+        if adv_sum is not None:
+            result["adversary_loss"] = [
+                float(s) / int(n) if int(n) else None for s, n in zip(adv_sum.cpu(), adv_count.cpu())
+            ]
+        return result
+
+    def test_metrics(self) -> dict:
+        return self.evaluate(BatchSource(self.data.test, self.data.info, self.device))
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs; loadable with ``torch.load(weights_only=True)``."""
+        plan = self.plan(min(self.epoch, self.total_epochs - 1))
+        state = {
+            "epoch": self.epoch,
+            "stage": plan.stage,
+            "kd_weight": plan.kd_weight,
+            "config": asdict(self.config),
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": json.dumps(self.history),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.adversaries is not None:
+            state["adversaries"] = self.adversaries.state_dict()
+            state["adv_optimizers"] = [o.state_dict() for o in self.adv_optimizers]
+            state["adv_schedulers"] = [s.state_dict() for s in self.adv_schedulers]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"] != asdict(self.config):
+            raise ValueError("checkpoint was written by a run with another configuration")
+        self.epoch = int(state["epoch"])
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.history = json.loads(state["history"])
+        if self.adversaries is not None:
+            self.adversaries.load_state_dict(state["adversaries"])
+            for optimizer, s in zip(self.adv_optimizers, state["adv_optimizers"]):
+                optimizer.load_state_dict(s)
+            for scheduler, s in zip(self.adv_schedulers, state["adv_schedulers"]):
+                scheduler.load_state_dict(s)
+
+    def _plateau(self, optimizer: torch.optim.Optimizer):
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=self.config.plateau_factor, patience=self.config.plateau_patience
+        )

@@ -1,0 +1,131 @@
+"""Whole runs on one machine: a teacher, or one method on one seed. The search and final reruns wrap
+these; the CLI's ``train`` and ``teacher`` commands call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fairtune import io
+from fairtune.data import DatasetSplits
+from fairtune.engine import Trainer, TrainConfig, resolve_device
+from fairtune.errors import UserError
+from fairtune.methods import get_method
+from fairtune.spaces import load_space
+from fairtune.teachers import load_teacher, save_teacher, teacher_paths
+
+PARAM_FLAGS = {"T": "--T", "lam": "--lam", "distill_lam": "--distill-lam"}
+
+
+def best_config_path(results_dir: Path, dataset: str, method: str) -> Path:
+    return Path(results_dir) / dataset / "search" / method / "best.json"
+
+
+def resolve_hyperparameters(method_name: str, dataset: str, given: dict[str, float | None], results_dir: Path) -> dict[str, float]:
+    """The values a run uses: given ones, else the search space's start (searched) or the best
+    config found for the source method (fixed). Misplaced or impossible values raise UserError."""
+    method = get_method(method_name)
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name not in method.params:
+            takes = ", ".join(PARAM_FLAGS[p] for p in method.params) or "no hyperparameter"
+            raise UserError(f"method {method.name} does not use {PARAM_FLAGS[name]}; it takes {takes}")
+        if not math.isfinite(value) or value < 0 or (name == "T" and value == 0):
+            raise UserError(f"{PARAM_FLAGS[name]} {value} is out of range; use a finite value {'> 0' if name == 'T' else '>= 0'}")
+    values: dict[str, float] = {}
+    space = load_space(method.name)
+    if method.searched:
+        value = given.get(method.searched)
+        values[method.searched] = float(value if value is not None else space.start(dataset))
+    for param, source in method.fixed_from:
+        if given.get(param) is not None:
+            values[param] = float(given[param])
+            continue
+        path = best_config_path(results_dir, dataset, source)
+        if not path.exists():
+            raise UserError(
+                f"{method.name} needs {param} from the best {source} config ({path} is missing); "
+                f"run `fairtune search --method {source} --dataset {dataset}` or pass {PARAM_FLAGS[param]}"
+            )
+        best = json.loads(path.read_text())
+        values[param] = float(best["hyperparameters"][get_method(source).searched])
+    return values
+
+
+@dataclass(frozen=True)
+class RunResult:
+    history: list[dict]
+    test: dict
+    seconds_per_epoch: float
+    trainer: Trainer
+
+
+def run_method(
+    config: TrainConfig,
+    data: DatasetSplits,
+    teacher: torch.nn.Module | None,
+    device: torch.device,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> RunResult:
+    trainer = Trainer(config, data, teacher, device)
+    start = time.perf_counter()
+    history = trainer.fit(on_epoch)
+    seconds = (time.perf_counter() - start) / max(len(history), 1)
+    return RunResult(history, trainer.test_metrics(), seconds, trainer)
+
+
+def ensure_teacher(
+    data: DatasetSplits,
+    results_dir: Path,
+    base: TrainConfig,
+    device: torch.device,
+    force: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> tuple[torch.nn.Module, bool]:
+    """Load the seed's teacher, or train and store it; returns (model, trained_now)."""
+    record = teacher_paths(results_dir, data.options.dataset, data.options.seed)
+    if record.weights.exists() and not force:
+        return load_teacher(record, data), False
+    config = TrainConfig(**{**asdict(base), "method": "scratch", "T": None, "lam": None, "distill_lam": None})
+    result = run_method(config, data, None, device, on_epoch)
+    metrics = {"test": result.test, "selection": result.history[-1], "seconds_per_epoch": result.seconds_per_epoch}
+    save_teacher(record, result.trainer.student, data, config.epochs, metrics)
+    return load_teacher(record, data), True
+
+
+def write_run(path: Path, config: TrainConfig, data: DatasetSplits, result: RunResult, device: torch.device) -> None:
+    io.write_json(
+        path,
+        {
+            "method": config.method,
+            "dataset": data.options.dataset,
+            "seed": data.options.seed,
+            "hyperparameters": config.hyperparameters(),
+            "config": asdict(config),
+            "data": data.options.fingerprint(),
+            "device": str(device),
+            "epochs_run": len(result.history),
+            "seconds_per_epoch": result.seconds_per_epoch,
+            "test": result.test,
+            "history": result.history,
+        },
+    )
+
+
+__all__ = [
+    "RunResult",
+    "best_config_path",
+    "ensure_teacher",
+    "resolve_device",
+    "resolve_hyperparameters",
+    "run_method",
+    "write_run",
+]

@@ -1,0 +1,122 @@
+"""Search spaces: one YAML per method in ``search_spaces/``, validated on load.
+
+Each names the method's one searched hyperparameter, its distribution, the paper's value per
+dataset (evaluated first as a starting point) and a default for datasets without one. Composed
+extras without a file of their own (``ss+at``, ``ad+nst`` …) get the standard space of their
+hyperparameter (SPEC §3 choice: T in {1, 2, 3, 4, 5, 10, 20}; λ log-uniform in [1e-4, 1e2]).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fairtune.errors import UserError
+from fairtune.methods import get_method
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+KEYS = {"method", "parameter", "distribution", "values", "low", "high", "paper", "default", "fixed"}
+T_VALUES = (1, 2, 3, 4, 5, 10, 20)
+LAM_RANGE = (1e-4, 1e2)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    method: str
+    parameter: str | None  # None: nothing to search
+    distribution: str | None = None  # "choice" or "loguniform"
+    values: tuple[float, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    paper: dict[str, float] = field(default_factory=dict)
+    default: float | None = None
+    fixed: dict[str, str] = field(default_factory=dict)  # hyperparameter -> method providing it
+
+    def start(self, dataset: str) -> float | None:
+        """The value evaluated first: the paper's for this dataset, else the default."""
+        return self.paper.get(dataset, self.default)
+
+
+def _standard(method: str) -> SearchSpace:
+    m = get_method(method)
+    fixed = {p: source for p, source in m.fixed_from}
+    if m.searched == "T":
+        return SearchSpace(method, "T", "choice", values=T_VALUES, default=4, fixed=fixed)
+    if m.searched == "lam":
+        return SearchSpace(method, "lam", "loguniform", low=LAM_RANGE[0], high=LAM_RANGE[1], default=1.0, fixed=fixed)
+    return SearchSpace(method, None, fixed=fixed)
+
+
+def load_space(method: str, directory: Path = SPACES_DIR) -> SearchSpace:
+    """The validated space of ``method``; a malformed file raises UserError naming file and key."""
+    get_method(method)  # validates the name before it becomes a path
+    path = Path(directory) / f"{method}.yaml"
+    if not path.exists():
+        return _standard(method)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}; fix the file or delete it to use the standard space") from None
+    return parse_space(raw, method, path)
+
+
+def parse_space(raw: object, method: str, path: Path | str = "<space>") -> SearchSpace:
+    def bad(key: str, why: str) -> UserError:
+        return UserError(f"{path}: key '{key}' {why}")
+
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of {', '.join(sorted(KEYS))}")
+    unknown = set(raw) - KEYS
+    if unknown:
+        raise bad(sorted(map(str, unknown))[0], f"is not known; valid keys: {', '.join(sorted(KEYS))}")
+    if raw.get("method") != method:
+        raise bad("method", f"is {raw.get('method')!r} but the file is for '{method}'")
+    expected = get_method(method).searched
+    parameter = raw.get("parameter")
+    if parameter != expected:
+        raise bad("parameter", f"is {parameter!r}; method {method} searches {expected!r}")
+    fixed = raw.get("fixed") or {}
+    wanted_fixed = dict(get_method(method).fixed_from)
+    if fixed != wanted_fixed:
+        raise bad("fixed", f"is {fixed!r}; method {method} takes {wanted_fixed!r}")
+    if parameter is None:
+        extra = set(raw) - {"method", "parameter", "fixed"}
+        if extra:
+            raise bad(sorted(extra)[0], f"makes no sense: {method} has nothing to search")
+        return SearchSpace(method, None, fixed=fixed)
+
+    def number(key: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise bad(key, f"must be a positive finite number, got {value!r}")
+        return float(value)
+
+    distribution = raw.get("distribution")
+    if distribution == "choice":
+        values = raw.get("values")
+        if not isinstance(values, list) or not values:
+            raise bad("values", "must be a non-empty list for distribution 'choice'")
+        values = tuple(number("values", v) for v in values)
+        low = high = None
+        allowed = lambda v: v in values  # noqa: E731
+    elif distribution == "loguniform":
+        low, high = number("low", raw.get("low")), number("high", raw.get("high"))
+        if low >= high:
+            raise bad("low", f"must be below high ({low} >= {high})")
+        values = ()
+        allowed = lambda v: low <= v <= high  # noqa: E731
+    else:
+        raise bad("distribution", f"is {distribution!r}; valid: choice, loguniform")
+    paper = raw.get("paper") or {}
+    if not isinstance(paper, dict):
+        raise bad("paper", "must map dataset names to values")
+    paper = {str(k): number(f"paper.{k}", v) for k, v in paper.items()}
+    default = number("default", raw.get("default"))
+    for key, value in [*((f"paper.{k}", v) for k, v in paper.items()), ("default", default)]:
+        if not allowed(value):
+            raise bad(key, f"value {value} lies outside the searched space")
+    return SearchSpace(method, parameter, distribution, values, low, high, paper, default, fixed)

@@ -1,0 +1,76 @@
+"""Teachers: `scratch` models trained per seed, stored under ``results/<dataset>/teachers/``.
+
+A teacher file records the data settings it was trained on; a student asking for another setting
+(skew, sizes, split, architecture) is refused rather than silently given a mismatched teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from fairtune import __version__, io
+from fairtune.data import DatasetSplits
+from fairtune.errors import UserError
+from fairtune.models import build_model
+
+
+@dataclass(frozen=True)
+class TeacherRecord:
+    weights: Path
+    metrics: Path
+
+
+def teacher_paths(results_dir: Path, dataset: str, seed: int) -> TeacherRecord:
+    folder = Path(results_dir) / dataset / "teachers"
+    return TeacherRecord(folder / f"seed{seed}.pt", folder / f"seed{seed}.json")
+
+
+def teacher_identity(data: DatasetSplits) -> dict:
+    """What a teacher must share with its student: data settings and architecture."""
+    return {"data": data.options.fingerprint(), "model": data.info.model, "num_classes": data.info.num_classes}
+
+
+def save_teacher(record: TeacherRecord, model: nn.Module, data: DatasetSplits, epochs: int, metrics: dict) -> None:
+    identity = teacher_identity(data)
+    io.save_torch(
+        record.weights,
+        {"state_dict": model.state_dict(), "identity": identity, "epochs": epochs, "version": __version__},
+    )
+    io.write_json(record.metrics, {"identity": identity, "epochs": epochs, **metrics})
+
+
+def describe_mismatch(stored: dict, wanted: dict) -> str:
+    diffs = []
+    for key in sorted(set(stored["data"]) | set(wanted["data"])):
+        a, b = stored["data"].get(key), wanted["data"].get(key)
+        if a != b:
+            diffs.append(f"{key} {a!r} (teacher) vs {b!r} (now)")
+    if stored["model"] != wanted["model"]:
+        diffs.append(f"model {stored['model']} vs {wanted['model']}")
+    return "; ".join(diffs) or "class count differs"
+
+
+def load_teacher(record: TeacherRecord, data: DatasetSplits) -> nn.Module:
+    """The frozen teacher for ``data``; UserError when it is missing or was trained on other settings."""
+    options = data.options
+    make = f"fairtune teacher --dataset {options.dataset} --seeds {options.seed}"
+    if not record.weights.exists():
+        raise UserError(f"no teacher at {record.weights}; train it first: {make} (with the same data options)")
+    try:
+        stored = io.load_torch(record.weights)
+        identity = stored["identity"]
+        state = stored["state_dict"]
+    except Exception as exc:  # a pickle with code, a truncated file, a foreign checkpoint
+        raise UserError(f"cannot load teacher {record.weights} ({type(exc).__name__}); retrain it: {make} --force") from None
+    wanted = teacher_identity(data)
+    if identity != wanted:
+        raise UserError(
+            f"teacher {record.weights} was trained with other settings ({describe_mismatch(identity, wanted)}); "
+            f"retrain it with {make} --force and the same options, or use another --results-dir"
+        )
+    model = build_model(data.info.model, data.info.num_classes, data.info.image_size)
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False)
