@@ -150,8 +150,7 @@ def test_plateau_scheduler_follows_selection_loss(data, teacher):
         assert m["lr"] == pytest.approx(lr)
 
 
-def test_adversary_gradient_reaches_the_student_reversed(data):
-    # One step of `ad` with λ vs the same step computed by hand without the engine.
+def test_each_adversary_has_its_own_optimiser_at_the_supplement_lr(data):
     trainer = make_trainer("ad", data, None)
     assert isinstance(trainer.adversaries, losses.ClassAdversaries)
     assert len(trainer.adv_optimizers) == 10 and all(o.param_groups[0]["lr"] == 3e-3 for o in trainer.adv_optimizers)
