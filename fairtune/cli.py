@@ -17,32 +17,27 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _checked(convert, ok, rule: str):
+    """An argparse type that converts and range-checks, with the rule in its error message."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
+_positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+_non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_reduction = _checked(int, lambda v: v >= 2, "an integer >= 2")
+_fraction = _checked(float, lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1")
+_positive_float = _checked(float, lambda v: 0.0 < v < float("inf"), "a positive finite number")
+_non_negative_float = _checked(float, lambda v: 0.0 <= v < float("inf"), "a finite number >= 0")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -52,7 +47,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, choices=list(DATASETS), metavar="D", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-dir", type=Path, default=None, help="where datasets live (default ./data, env FAIRTUNE_DATA)")
     p.add_argument("--results-dir", type=Path, default=Path("results"), help="where results go (default ./results)")
-    p.add_argument("--epochs", type=_positive_int, default=50, help="training epochs E (FitNet runs 1.5 E)")
+    p.add_argument("--epochs", "--max-epochs", dest="epochs", type=_positive_int, default=50, help="training epochs E (FitNet runs 1.5 E)")
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--lr", type=_positive_float, default=1e-3)
     p.add_argument("--skew", type=_fraction, default=None, help="cifar10s/fmnist-s gray fraction (default 0.8 / 0.95)")
@@ -61,6 +56,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="celeba target attribute (default Attractive)")
     p.add_argument("--select-on", choices=["val", "test"], default="val", help="split for model selection (test = the official procedure)")
     p.add_argument("--objective", choices=list(OBJECTIVES), default="acc-deo_a")
+    p.add_argument("--search-spaces", type=Path, default=None, help="folder of <method>.yaml search spaces (default: the repo's search_spaces/)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:k]")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
 
@@ -81,6 +77,23 @@ def build_parser() -> Parser:
     train.add_argument("--lam", type=float, default=None, help="the method's strength λ")
     train.add_argument("--distill-lam", type=float, default=None, help="λ of the distillation term in ad+at / ad+nst")
     train.add_argument("--adv-lr", type=_positive_float, default=3e-3, help="adversaries' Adam lr (AD methods)")
+
+    search = commands.add_parser("search", help="Ray Tune search of a method's hyperparameter (Optuna TPE + ASHA)")
+    search.add_argument("--method", required=True, help="e.g. hkd, mfd, ad+fitnet (see `fairtune list`)")
+    _add_common(search)
+    search.add_argument("--seed", type=_non_negative_int, default=0, help="data, teacher and TPE seed")
+    search.add_argument("--T", type=float, default=None, help="fixed T for ad+hkd / ad+fitnet (default: the best found for hkd / fitnet)")
+    search.add_argument("--distill-lam", type=float, default=None, help="fixed distillation λ for ad+at / ad+nst")
+    search.add_argument("--adv-lr", type=_positive_float, default=3e-3)
+    search.add_argument("--num-samples", type=_positive_int, default=16, help="trials (default 16)")
+    search.add_argument("--grace-period", type=_positive_int, default=None, help="ASHA's first rung in epochs (default E/10)")
+    search.add_argument("--reduction-factor", type=_reduction, default=3, help="ASHA's reduction factor (default 3)")
+    search.add_argument("--max-concurrent", type=_positive_int, default=None, help="trials running at once (default: as resources allow)")
+    search.add_argument("--address", default=None, help="Ray cluster to join: auto or ray://host:port (default: start a local Ray)")
+    search.add_argument("--cpus-per-trial", type=_positive_int, default=1)
+    search.add_argument("--gpus-per-trial", type=_non_negative_float, default=None, help="fractions share a GPU (default 1 if the cluster has GPUs, else 0)")
+    search.add_argument("--max-failures", type=_non_negative_int, default=2, help="retries of a crashed trial from its last checkpoint")
+    search.add_argument("--resume", action="store_true", help="continue an interrupted search from its checkpoints")
 
     teacher = commands.add_parser("teacher", help="train and cache teachers (scratch models) per seed")
     _add_common(teacher)
@@ -119,6 +132,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spaces_dir(args: argparse.Namespace) -> Path:
+    from fairtune.spaces import SPACES_DIR
+
+    folder = args.search_spaces or SPACES_DIR
+    if not folder.is_dir():
+        raise UserError(f"--search-spaces {folder} is not a folder; point it at a folder of <method>.yaml files")
+    return folder
+
+
 def _data_options(args: argparse.Namespace, seed: int):
     from fairtune.data import DataOptions
 
@@ -128,13 +150,19 @@ def _data_options(args: argparse.Namespace, seed: int):
     )
 
 
+def _setup_threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def _setup(args: argparse.Namespace):
     import torch
 
     from fairtune.engine import resolve_device
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _setup_threads(args)
     try:
         device = resolve_device(args.device)
         torch.empty(0, device=device)
@@ -186,7 +214,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     method = get_method(args.method)
     given = {"T": args.T, "lam": args.lam, "distill_lam": args.distill_lam}
-    hyper = resolve_hyperparameters(method.name, args.dataset, given, args.results_dir)
+    hyper = resolve_hyperparameters(method.name, args.dataset, given, args.results_dir, _spaces_dir(args))
     device = _setup(args)
     data = load_dataset(_data_options(args, args.seed), args.data_dir)
     teacher = None
@@ -232,7 +260,74 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "train": cmd_train, "teacher": cmd_teacher}
+def cmd_search(args: argparse.Namespace) -> int:
+    from fairtune.methods import get_method
+    from fairtune.runs import resolve_hyperparameters
+    from fairtune.tune.cluster import prepare_environment
+
+    prepare_environment(args.address)  # before anything imports ray
+    method = get_method(args.method)
+    if method.searched == "T" and args.T is not None:
+        raise UserError(f"{method.name} searches T; drop --T (the search space is search_spaces/{method.name}.yaml)")
+    given = {"T": args.T, "distill_lam": args.distill_lam}
+    hyper = resolve_hyperparameters(method.name, args.dataset, given, args.results_dir, _spaces_dir(args))
+    if method.searched:
+        hyper.pop(method.searched)
+    _setup_threads(args)
+
+    from fairtune.data import default_data_dir, load_dataset
+    from fairtune.tune.search import SearchSettings, run_search, total_epochs
+
+    options = _data_options(args, args.seed)
+    load_dataset(options, args.data_dir)  # fail fast, with the one-line message, on missing data
+    gpus = args.gpus_per_trial
+    if gpus is None:
+        from fairtune.tune.cluster import connect
+
+        gpus = 1.0 if connect(args.address).get("GPU", 0) else 0.0
+    settings = SearchSettings(
+        base=_train_config(args, method.name, hyper), data=options,
+        data_dir=args.data_dir or default_data_dir(), results_dir=args.results_dir,
+        num_samples=args.num_samples, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+        max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
+        max_failures=args.max_failures, resume=args.resume, address=args.address, device=args.device,
+        spaces_dir=_spaces_dir(args),
+    )
+    fixed = ", ".join(f"{k}={v:g}" for k, v in hyper.items())
+    print(
+        f"search {method.name} on {args.dataset}: {method.searched or 'nothing'} searched"
+        f"{f' ({fixed} fixed)' if fixed else ''}, {args.num_samples if method.searched else 1} trials x "
+        f"up to {total_epochs(settings.base)} epochs, objective {args.objective}; experiment in {settings.experiment_dir}",
+        flush=True,
+    )
+    best = run_search(settings, lambda line: print(line, flush=True))
+    _print_search_summary(best, settings)
+    return 0
+
+
+def _print_search_summary(best: dict, settings) -> None:
+    import pandas as pd
+
+    folder = settings.experiment_dir
+    trials = pd.read_csv(folder / "trials.csv")
+    shown = [c for c in ("trial_id", best["searched"], "status", "epochs_run", "final_accuracy", "final_deo_a", "final_deo_m", "final_objective", "error") if c and c in trials]
+    print()
+    print(trials[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    budget = best["budget"]
+    hyper = ", ".join(f"{k}={v:g}" for k, v in best["hyperparameters"].items()) or "no hyperparameters"
+    print(
+        f"\nbest: {hyper}  ({best['objective']} {best['objective_value']:.2f}: accuracy {best['val']['accuracy']:.2f}, "
+        f"DEO_A {best['val']['deo_a']:.2f}, DEO_M {best['val']['deo_m']:.2f} on {best['selection_split']}; trial {best['trial_id']})"
+    )
+    print(
+        f"budget: {budget['epochs_run']} epochs run of {budget['epochs_if_no_early_stopping']} without early stopping, "
+        f"{budget['failed_trials']} failed trial(s), {budget['seconds']:.0f} s"
+    )
+    print(f"wrote {folder / 'best.json'} and {folder / 'trials.csv'}")
+    print(f"curves: tensorboard --logdir {Path(settings.results_dir) / settings.data.dataset}")
+
+
+COMMANDS = {"list": cmd_list, "train": cmd_train, "teacher": cmd_teacher, "search": cmd_search}
 
 
 def main(argv: list[str] | None = None) -> int:

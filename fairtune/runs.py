@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,8 +18,8 @@ from fairtune.data import DatasetSplits
 from fairtune.engine import Trainer, TrainConfig, resolve_device
 from fairtune.errors import UserError
 from fairtune.methods import get_method
-from fairtune.spaces import load_space
-from fairtune.teachers import load_teacher, save_teacher, teacher_paths
+from fairtune.spaces import SPACES_DIR, load_space
+from fairtune.teachers import load_teacher, save_teacher, teacher_identity, teacher_paths
 
 PARAM_FLAGS = {"T": "--T", "lam": "--lam", "distill_lam": "--distill-lam"}
 
@@ -28,7 +28,9 @@ def best_config_path(results_dir: Path, dataset: str, method: str) -> Path:
     return Path(results_dir) / dataset / "search" / method / "best.json"
 
 
-def resolve_hyperparameters(method_name: str, dataset: str, given: dict[str, float | None], results_dir: Path) -> dict[str, float]:
+def resolve_hyperparameters(
+    method_name: str, dataset: str, given: dict[str, float | None], results_dir: Path, spaces_dir: Path = SPACES_DIR
+) -> dict[str, float]:
     """The values a run uses: given ones, else the search space's start (searched) or the best
     config found for the source method (fixed). Misplaced or impossible values raise UserError."""
     method = get_method(method_name)
@@ -41,7 +43,7 @@ def resolve_hyperparameters(method_name: str, dataset: str, given: dict[str, flo
         if not math.isfinite(value) or value < 0 or (name == "T" and value == 0):
             raise UserError(f"{PARAM_FLAGS[name]} {value} is out of range; use a finite value {'> 0' if name == 'T' else '>= 0'}")
     values: dict[str, float] = {}
-    space = load_space(method.name)
+    space = load_space(method.name, spaces_dir)
     if method.searched:
         value = given.get(method.searched)
         values[method.searched] = float(value if value is not None else space.start(dataset))
@@ -82,6 +84,19 @@ def run_method(
     return RunResult(history, trainer.test_metrics(), seconds, trainer)
 
 
+def train_teacher(
+    data: DatasetSplits, base: TrainConfig, device: torch.device, on_epoch: Callable[[dict], None] | None = None
+) -> tuple[dict, dict]:
+    """Train a `scratch` model with ``base``'s protocol; returns (CPU state dict, metrics).
+
+    Returns data rather than writing files so it can run as a Ray task on any node."""
+    config = replace(base, method="scratch", T=None, lam=None, distill_lam=None)
+    result = run_method(config, data, None, device, on_epoch)
+    state = {k: v.detach().cpu() for k, v in result.trainer.student.state_dict().items()}
+    metrics = {"test": result.test, "selection": result.history[-1], "seconds_per_epoch": result.seconds_per_epoch}
+    return state, metrics
+
+
 def ensure_teacher(
     data: DatasetSplits,
     results_dir: Path,
@@ -94,10 +109,8 @@ def ensure_teacher(
     record = teacher_paths(results_dir, data.options.dataset, data.options.seed)
     if record.weights.exists() and not force:
         return load_teacher(record, data), False
-    config = TrainConfig(**{**asdict(base), "method": "scratch", "T": None, "lam": None, "distill_lam": None})
-    result = run_method(config, data, None, device, on_epoch)
-    metrics = {"test": result.test, "selection": result.history[-1], "seconds_per_epoch": result.seconds_per_epoch}
-    save_teacher(record, result.trainer.student, data, config.epochs, metrics)
+    state, metrics = train_teacher(data, base, device, on_epoch)
+    save_teacher(record, state, teacher_identity(data.options, data.info), base.epochs, metrics)
     return load_teacher(record, data), True
 
 

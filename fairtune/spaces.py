@@ -114,6 +114,11 @@ def parse_space(raw: object, method: str, path: Path | str = "<space>") -> Searc
     paper = raw.get("paper") or {}
     if not isinstance(paper, dict):
         raise bad("paper", "must map dataset names to values")
+    from fairtune.data import DATASETS
+
+    for name in paper:
+        if name not in DATASETS:
+            raise bad(f"paper.{name}", f"names no dataset; valid: {', '.join(DATASETS)}")
     paper = {str(k): number(f"paper.{k}", v) for k, v in paper.items()}
     default = number("default", raw.get("default"))
     for key, value in [*((f"paper.{k}", v) for k, v in paper.items()), ("default", default)]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from fairtune import __version__, io
-from fairtune.data import DatasetSplits
+from fairtune.data import DataOptions, DatasetInfo, DatasetSplits
 from fairtune.errors import UserError
 from fairtune.models import build_model
 
@@ -28,17 +28,14 @@ def teacher_paths(results_dir: Path, dataset: str, seed: int) -> TeacherRecord:
     return TeacherRecord(folder / f"seed{seed}.pt", folder / f"seed{seed}.json")
 
 
-def teacher_identity(data: DatasetSplits) -> dict:
+def teacher_identity(options: DataOptions, info: DatasetInfo) -> dict:
     """What a teacher must share with its student: data settings and architecture."""
-    return {"data": data.options.fingerprint(), "model": data.info.model, "num_classes": data.info.num_classes}
+    return {"data": options.fingerprint(), "model": info.model, "num_classes": info.num_classes}
 
 
-def save_teacher(record: TeacherRecord, model: nn.Module, data: DatasetSplits, epochs: int, metrics: dict) -> None:
-    identity = teacher_identity(data)
-    io.save_torch(
-        record.weights,
-        {"state_dict": model.state_dict(), "identity": identity, "epochs": epochs, "version": __version__},
-    )
+def save_teacher(record: TeacherRecord, state_dict: dict, identity: dict, epochs: int, metrics: dict) -> None:
+    """Weights first, metrics second: a metrics file never describes weights that are not on disk."""
+    io.save_torch(record.weights, {"state_dict": state_dict, "identity": identity, "epochs": epochs, "version": __version__})
     io.write_json(record.metrics, {"identity": identity, "epochs": epochs, **metrics})
 
 
@@ -53,9 +50,8 @@ def describe_mismatch(stored: dict, wanted: dict) -> str:
     return "; ".join(diffs) or "class count differs"
 
 
-def load_teacher(record: TeacherRecord, data: DatasetSplits) -> nn.Module:
-    """The frozen teacher for ``data``; UserError when it is missing or was trained on other settings."""
-    options = data.options
+def read_teacher_state(record: TeacherRecord, options: DataOptions, info: DatasetInfo) -> dict:
+    """The stored weights of the teacher for these settings; UserError when missing or mismatched."""
     make = f"fairtune teacher --dataset {options.dataset} --seeds {options.seed}"
     if not record.weights.exists():
         raise UserError(f"no teacher at {record.weights}; train it first: {make} (with the same data options)")
@@ -65,12 +61,21 @@ def load_teacher(record: TeacherRecord, data: DatasetSplits) -> nn.Module:
         state = stored["state_dict"]
     except Exception as exc:  # a pickle with code, a truncated file, a foreign checkpoint
         raise UserError(f"cannot load teacher {record.weights} ({type(exc).__name__}); retrain it: {make} --force") from None
-    wanted = teacher_identity(data)
+    wanted = teacher_identity(options, info)
     if identity != wanted:
         raise UserError(
             f"teacher {record.weights} was trained with other settings ({describe_mismatch(identity, wanted)}); "
             f"retrain it with {make} --force and the same options, or use another --results-dir"
         )
-    model = build_model(data.info.model, data.info.num_classes, data.info.image_size)
-    model.load_state_dict(state)
+    return state
+
+
+def teacher_model(state_dict: dict, info: DatasetInfo) -> nn.Module:
+    """A frozen model (eval mode, no gradient) from teacher weights."""
+    model = build_model(info.model, info.num_classes, info.image_size)
+    model.load_state_dict(state_dict)
     return model.eval().requires_grad_(False)
+
+
+def load_teacher(record: TeacherRecord, data: DatasetSplits) -> nn.Module:
+    return teacher_model(read_teacher_state(record, data.options, data.info), data.info)

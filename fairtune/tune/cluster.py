@@ -1,0 +1,73 @@
+"""Starting or joining Ray, safely.
+
+When fairtune starts Ray itself, every Ray listener must stay on 127.0.0.1: on Linux Ray binds its
+GCS, raylet and worker ports to all interfaces by default, and ``_node_ip_address="127.0.0.1"`` is
+overridden. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` set *before* ``import ray`` is what makes Ray
+bind loopback only (measured with Ray 2.60); a test lists the sockets to keep that true.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from fairtune.errors import UserError
+
+LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Save Tune's experiment state after every step (default: at most every 10 s), so a killed driver
+# loses no trial bookkeeping; the cost is negligible at fairtune's step sizes.
+TUNE_ENV = {
+    "TUNE_GLOBAL_CHECKPOINT_S": "0",
+    # The classic output path honours verbose=0; fairtune prints its own compact progress lines.
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+
+
+def prepare_environment(address: str | None) -> None:
+    """Environment Ray reads at import time; call before anything imports ray."""
+    for key, value in TUNE_ENV.items():
+        os.environ.setdefault(key, value)
+    if address is None:
+        if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+            raise RuntimeError("ray was imported before the loopback-only environment was set")
+        os.environ.update(LOCAL_ONLY_ENV)
+
+
+def connect(address: str | None, num_cpus: int | None = None, num_gpus: float | None = None) -> dict:
+    """Start a local Ray (``address=None``) or join a cluster; returns the cluster's resources.
+
+    An already initialised Ray (a test session's shared instance) is reused as it is.
+    """
+    prepare_environment(address)
+    import ray
+
+    if not ray.is_initialized():
+        try:
+            if address is None:
+                ray.init(
+                    address="local", include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus,
+                    log_to_driver=False, logging_level="ERROR",
+                )
+            else:
+                ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(
+                f"cannot join the Ray cluster at --address {address} ({first}); start it with `ray start --head` "
+                "and pass its address (auto, or ray://host:10001), or omit --address for a local Ray"
+            ) from None
+    return ray.cluster_resources()
+
+
+def check_resources(resources: dict, cpus_per_trial: float, gpus_per_trial: float) -> None:
+    """Refuse a per-trial request no node could ever satisfy (Tune would wait forever)."""
+    if cpus_per_trial > resources.get("CPU", 0):
+        raise UserError(
+            f"--cpus-per-trial {cpus_per_trial:g} exceeds the cluster's {resources.get('CPU', 0):g} CPUs; lower it"
+        )
+    if gpus_per_trial > resources.get("GPU", 0):
+        have = resources.get("GPU", 0)
+        raise UserError(
+            f"--gpus-per-trial {gpus_per_trial:g} exceeds the cluster's {have:g} GPUs; "
+            + ("use 0 on a CPU-only cluster" if not have else f"use at most {have:g} (fractions share a GPU)")
+        )

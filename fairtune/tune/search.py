@@ -1,0 +1,304 @@
+"""`fairtune search`: one method's hyperparameter on Ray Tune, Optuna TPE + ASHA.
+
+The teacher (when the method needs one) is loaded from ``results/<D>/teachers/`` or trained as a
+Ray task, and reaches every trial through the object store (``tune.with_parameters``), so no node
+needs a shared filesystem for it. The experiment lives in ``results/<D>/search/<method>/``; the
+search writes ``best.json`` and ``trials.csv`` beside Tune's files when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from fairtune import io
+from fairtune.data import DataOptions, dataset_info, load_dataset
+from fairtune.engine import TrainConfig, resolve_device
+from fairtune.errors import UserError
+from fairtune.methods import get_method
+from fairtune.metrics import objective_mode
+from fairtune.spaces import SPACES_DIR, SearchSpace, load_space
+from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
+from fairtune.tune.cluster import check_resources, connect
+
+Printer = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    base: TrainConfig  # method, epochs and fixed hyperparameters
+    data: DataOptions
+    data_dir: Path
+    results_dir: Path
+    num_samples: int = 16
+    grace_period: int | None = None
+    reduction_factor: int = 3
+    max_concurrent: int | None = None
+    cpus_per_trial: int = 1
+    gpus_per_trial: float = 0.0
+    max_failures: int = 2
+    resume: bool = False
+    address: str | None = None
+    device: str = "auto"
+    spaces_dir: Path = SPACES_DIR
+
+    @property
+    def experiment_dir(self) -> Path:
+        return (Path(self.results_dir) / self.data.dataset / "search" / self.base.method).resolve()
+
+
+def default_grace_period(epochs: int) -> int:
+    """ASHA's first rung: a tenth of the run (at least one epoch)."""
+    return max(1, epochs // 10)
+
+
+def total_epochs(base: TrainConfig) -> int:
+    return base.epochs + (base.epochs // 2 if get_method(base.method).hint_stage else 0)
+
+
+def tune_space(space: SearchSpace) -> dict:
+    from ray import tune
+
+    if space.parameter is None:
+        return {}
+    if space.distribution == "choice":
+        return {space.parameter: tune.choice(list(space.values))}
+    return {space.parameter: tune.loguniform(space.low, space.high)}
+
+
+def _teacher_state(settings: SearchSettings, say: Printer) -> dict | None:
+    """The seed's teacher weights: from disk, or trained now as a Ray task with one trial's resources."""
+    import ray
+
+    options, info = settings.data, dataset_info(settings.data)
+    record = teacher_paths(settings.results_dir, options.dataset, options.seed)
+    if record.weights.exists():
+        say(f"teacher: {record.weights}")
+        return read_teacher_state(record, options, info)
+    say(f"teacher: none at {record.weights}; training it first (a Ray task, {settings.base.epochs} epochs)")
+
+    @ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)
+    def train(base: TrainConfig, options: DataOptions, data_dir: str, device: str, cpus: int):
+        import torch
+
+        from fairtune.runs import train_teacher
+
+        torch.set_num_threads(max(1, cpus))
+        data = load_dataset(options, data_dir)
+        return train_teacher(data, base, resolve_device(device))
+
+    state, metrics = ray.get(
+        train.remote(settings.base, options, str(settings.data_dir), settings.device, settings.cpus_per_trial)
+    )
+    save_teacher(record, state, teacher_identity(options, info), settings.base.epochs, metrics)
+    test = metrics["test"]
+    say(f"teacher: wrote {record.weights} (test accuracy {test['accuracy']:.2f}, DEO_A {test['deo_a']:.2f})")
+    return state
+
+
+def _progress_callback(say: Printer, total: int, parameter: str | None):
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        """One compact line per trial epoch; Ray's own tables are switched off (verbose=0)."""
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = f"{parameter}={trial.config[parameter]:<8.4g} " if parameter else ""
+            say(
+                f"  {trial.trial_id} {value}epoch {result['training_iteration']:>3}/{total}  obj {result['objective']:7.2f}  "
+                f"acc {result['accuracy']:6.2f}  DEO_A {result['deo_a']:6.2f}  DEO_M {result['deo_m']:6.2f}"
+            )
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials) + 1
+            say(f"  {trial.trial_id} finished ({done} of {len(trials)} trials so far)")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            say(f"  {trial.trial_id} FAILED: {_failure_reason(Path(trial.local_path or ''), trial.error_file)}")
+
+    return Progress()
+
+
+def _failure_reason(trial_dir: Path, error_file: str | None = None) -> str:
+    from fairtune.tune.trainable import FAILURE_FILE
+
+    marker = trial_dir / FAILURE_FILE
+    if marker.exists():
+        return marker.read_text().strip()
+    path = Path(error_file) if error_file else trial_dir / "error.txt"
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        return lines[-1].strip() if lines else "unknown error"
+    return "unknown error"
+
+
+def _has_state(experiment_dir: Path) -> bool:
+    return any(experiment_dir.glob("experiment_state-*.json"))
+
+
+def run_search(settings: SearchSettings, say: Printer = print) -> dict:
+    """Run (or resume) the search; returns the content written to ``best.json``."""
+    method = get_method(settings.base.method)
+    space = load_space(method.name, settings.spaces_dir)
+    folder = settings.experiment_dir
+    if settings.resume and not _has_state(folder):
+        if folder.exists():
+            # Killed before Tune saved any state: nothing to resume, and restoring would fail.
+            say(f"no saved search state in {folder}; starting the search afresh")
+            shutil.rmtree(folder)
+        settings = replace(settings, resume=False)
+    elif not settings.resume and _has_state(folder):
+        raise UserError(f"a search already exists in {folder}; pass --resume to continue it, or delete the folder to start over")
+
+    resources = connect(settings.address)
+    check_resources(resources, settings.cpus_per_trial, settings.gpus_per_trial)
+
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    mode = objective_mode(settings.base.objective)
+    epochs = total_epochs(settings.base)
+    teacher_state = _teacher_state(settings, say) if method.needs_teacher else None
+
+    from fairtune.tune.trainable import TrialSpec, run_trial
+
+    spec = TrialSpec(settings.base, settings.data, str(Path(settings.data_dir).resolve()), settings.cpus_per_trial, settings.device)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec=spec, teacher_state=teacher_state),
+        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+    )
+    num_samples = settings.num_samples if space.parameter else 1
+    if not space.parameter:
+        say(f"{method.name} has no hyperparameter to search: running one trial")
+    grace = settings.grace_period or default_grace_period(settings.base.epochs)
+    # T plays no part in FitNet's hint stage: no trial is judged before stage 2 has run an epoch.
+    grace = min(grace + (epochs - settings.base.epochs), epochs)
+    scheduler = ASHAScheduler(
+        metric="objective", mode=mode, time_attr="training_iteration", max_t=epochs,
+        grace_period=grace, reduction_factor=settings.reduction_factor,
+    )
+    searcher = None
+    if space.parameter:
+        start = space.start(settings.data.dataset)
+        searcher = OptunaSearch(
+            metric="objective", mode=mode, points_to_evaluate=[{space.parameter: start}],
+            sampler=optuna.samplers.TPESampler(seed=settings.data.seed),
+        )
+    run_config = tune.RunConfig(
+        name=method.name,
+        storage_path=str(folder.parent),
+        verbose=0,
+        callbacks=[_progress_callback(say, epochs, space.parameter)],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+    )
+    started = time.time()
+    if settings.resume:
+        say(f"resuming the search in {folder}")
+        tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=tune_space(space),
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                max_concurrent_trials=settings.max_concurrent,
+            ),
+            run_config=run_config,
+        )
+    grid = tuner.fit()
+    trials = trials_table(grid, space.parameter, epochs, settings.base.objective)
+    io.write_text(folder / "trials.csv", trials.to_csv(index=False))
+    best = best_record(trials, settings, space, epochs, time.time() - started)
+    io.write_json(folder / "best.json", best)
+    return best
+
+
+def trials_table(grid, parameter: str | None, epochs: int, objective: str) -> pd.DataFrame:
+    """One row per trial: its hyperparameter, final and best metrics, epochs run, status, failure reason."""
+    mode = objective_mode(objective)
+    rows = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        trial_dir = Path(result.path)
+        row = {
+            "trial_id": (result.metrics or {}).get("trial_id", trial_dir.name),
+            parameter or "parameter": result.config.get(parameter) if parameter else None,
+            "epochs_run": 0,
+            "status": "ERROR" if result.error else "COMPLETED",
+            "error": _failure_reason(trial_dir) if result.error else "",
+        }
+        if frame is not None and len(frame):
+            frame = frame.drop_duplicates("training_iteration", keep="last").sort_values("training_iteration")
+            last = frame.iloc[-1]
+            best = frame.loc[frame["objective"].idxmax() if mode == "max" else frame["objective"].idxmin()]
+            row["epochs_run"] = int(last["training_iteration"])
+            if not result.error and row["epochs_run"] < epochs:
+                row["status"] = "STOPPED"  # by ASHA
+            for key in ("accuracy", "deo_a", "deo_m", "objective"):
+                row[f"final_{key}"] = float(last[key])
+                row[f"best_{key}"] = float(best[key])
+            row["best_epoch"] = int(best["training_iteration"])
+            row["final_acc_matrix"] = last.get("acc_matrix", "")
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("trial_id", kind="stable").reset_index(drop=True)
+
+
+def best_record(trials: pd.DataFrame, settings: SearchSettings, space: SearchSpace, epochs: int, seconds: float) -> dict:
+    """The chosen config: best final-epoch objective among trials that ran every epoch (SPEC §6
+    reports the model after the last epoch), else among all trials that reported anything."""
+    mode = objective_mode(settings.base.objective)
+    scored = trials[trials["final_objective"].notna()] if "final_objective" in trials else trials.iloc[0:0]
+    complete = scored[scored["status"] == "COMPLETED"]
+    pool = complete if len(complete) else scored
+    if not len(pool):
+        raise UserError(
+            f"every trial of the {settings.base.method} search failed (see {settings.experiment_dir / 'trials.csv'}); "
+            "check the errors there, e.g. lower the λ range or --lr"
+        )
+    row = pool.loc[pool["final_objective"].idxmax() if mode == "max" else pool["final_objective"].idxmin()]
+    hyper = {p: v for p, v in settings.base.hyperparameters().items()}
+    if space.parameter:
+        hyper[space.parameter] = float(row[space.parameter])
+    return {
+        "method": settings.base.method,
+        "dataset": settings.data.dataset,
+        "hyperparameters": hyper,
+        "searched": space.parameter,
+        "objective": settings.base.objective,
+        "mode": mode,
+        "objective_value": float(row["final_objective"]),
+        "val": {
+            "accuracy": float(row["final_accuracy"]),
+            "deo_a": float(row["final_deo_a"]),
+            "deo_m": float(row["final_deo_m"]),
+            "acc_matrix": json.loads(row["final_acc_matrix"]) if row.get("final_acc_matrix") else None,
+            "epoch": int(row["epochs_run"]),
+        },
+        "trial_id": row["trial_id"],
+        "selection_split": settings.data.select_on,
+        "budget": {
+            "trials": int(len(trials)),
+            "epochs_run": int(trials["epochs_run"].sum()),
+            "epochs_if_no_early_stopping": int(len(trials) * epochs),
+            "failed_trials": int((trials["status"] == "ERROR").sum()),
+            "seconds": round(seconds, 1),
+        },
+        "settings": {
+            "epochs": settings.base.epochs,
+            "num_samples": settings.num_samples,
+            "data": asdict(settings.data),
+            "train": asdict(settings.base),
+        },
+    }

@@ -1,0 +1,87 @@
+"""The Ray Tune function trainable: the engine's loop, reporting and checkpointing every epoch.
+
+A trial restores from ``tune.get_checkpoint()`` (a retry after a crash, or a resumed experiment),
+so it continues from its last finished epoch with the exact optimiser, scheduler, adversary and RNG
+state. A non-finite loss is a deterministic failure: the trial records the reason in its folder and
+raises, and any retry raises again at once instead of re-running the epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from fairtune import io
+from fairtune.data import DataOptions, load_dataset
+from fairtune.engine import NonFiniteLoss, Trainer, TrainConfig
+from fairtune.teachers import teacher_model
+
+STATE_FILE = "state.pt"
+FAILURE_FILE = "nonfinite.txt"
+EPOCH_LOG = "epochs.jsonl"  # one line per epoch actually run, including recomputed ones
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything a trial needs besides its sampled hyperparameters (which arrive as ``config``)."""
+
+    base: TrainConfig  # the fixed hyperparameters are already filled in
+    data: DataOptions
+    data_dir: str
+    cpus: int
+    device: str = "auto"
+
+
+def flat_metrics(metrics: dict, group_names: tuple[str, ...]) -> dict:
+    """Numbers only (TensorBoard plots them); the acc[g,c] matrix travels as a JSON string."""
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    flat["hint_stage"] = int(metrics["stage"] == "hint")
+    matrix, counts = metrics["acc_matrix"], metrics["cell_counts"]
+    for g, name in enumerate(group_names):
+        n = sum(counts[g])
+        correct = sum((a or 0.0) * c for a, c in zip(matrix[g], counts[g])) / 100.0
+        flat[f"group_acc/{name}"] = 100.0 * correct / n if n else float("nan")
+    flat["acc_matrix"] = json.dumps(matrix)
+    return flat
+
+
+def _device(spec: TrialSpec) -> torch.device:
+    if spec.device != "auto":
+        return torch.device(spec.device)
+    import ray
+
+    return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+
+
+def run_trial(config: dict, spec: TrialSpec, teacher_state: dict | None = None) -> None:
+    torch.set_num_threads(max(1, spec.cpus))
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    failure = trial_dir / FAILURE_FILE
+    if failure.exists():
+        raise NonFiniteLoss(failure.read_text().strip())
+
+    data = load_dataset(spec.data, spec.data_dir)
+    teacher = teacher_model(teacher_state, data.info) if teacher_state is not None else None
+    trainer = Trainer(replace(spec.base, **config), data, teacher, _device(spec))
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.load_state_dict(io.load_torch(Path(folder) / STATE_FILE))
+
+    while trainer.epoch < trainer.total_epochs:
+        try:
+            metrics = trainer.run_epoch()
+        except NonFiniteLoss as exc:
+            failure.write_text(str(exc) + "\n")
+            raise
+        with open(trial_dir / EPOCH_LOG, "a") as log:
+            log.write(json.dumps({"epoch": metrics["epoch"], "pid": os.getpid()}) + "\n")
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(trainer.state_dict(), Path(folder) / STATE_FILE)
+            tune.report(flat_metrics(metrics, data.info.group_names), checkpoint=tune.Checkpoint.from_directory(folder))

@@ -1,0 +1,19 @@
+"""Test-session setup: Ray (when a test needs it) starts once, loopback-only, with 2 CPUs."""
+
+import pytest
+
+from fairtune.tune.cluster import prepare_environment
+
+# Before anything imports ray: the loopback-only and save-every-step settings fairtune itself uses.
+prepare_environment(None)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from fairtune.tune.cluster import connect
+
+    connect(None, num_cpus=2)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,154 @@
+"""`fairtune search` end to end on a shared local Ray: outputs, ASHA, failures, fixed T, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fairtune.cli import main
+from tests.fixtures.idx import write_fashion_mnist
+
+pytestmark = pytest.mark.slow
+SIZES = ["--train-size", "300", "--eval-size", "100", "--batch-size", "40", "--cpus-per-trial", "1"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    # 520 per class: fmnist-s holds out 500 per class for validation before the subsample.
+    root = tmp_path_factory.mktemp("data")
+    write_fashion_mnist(root, n_train_per_class=520, n_test_per_class=20)
+    return root
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return tmp_path_factory.mktemp("results")
+
+
+def search(capsys, data_dir, results, *argv):
+    code = main(["search", "--dataset", "fmnist-s", "--data-dir", str(data_dir), "--results-dir", str(results), *SIZES, *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def experiment(results, method):
+    return Path(results) / "fmnist-s" / "search" / method
+
+
+def test_mfd_search_writes_best_trials_and_tensorboard(ray_session, data_dir, results, capsys):
+    code, out, err = search(capsys, data_dir, results, "--method", "mfd", "--epochs", "2", "--num-samples", "3")
+    assert code == 0, err
+    folder = experiment(results, "mfd")
+    trials = pd.read_csv(folder / "trials.csv")
+    assert len(trials) == 3 and trials["trial_id"].is_unique
+    assert 3.0 in trials["lam"].round(6).tolist()  # the start value (fmnist-s mirrors cifar10s) is evaluated
+    assert (trials["epochs_run"] >= 1).all() and set(trials["status"]) <= {"COMPLETED", "STOPPED"}
+    best = json.loads((folder / "best.json").read_text())
+    row = trials[trials["trial_id"] == best["trial_id"]].iloc[0]
+    assert best["hyperparameters"] == {"lam": pytest.approx(row["lam"])}
+    assert best["objective_value"] == pytest.approx(row["final_accuracy"] - row["final_deo_a"])
+    completed = trials[trials["status"] == "COMPLETED"]
+    assert best["objective_value"] == pytest.approx(completed["final_objective"].max())
+    assert best["budget"]["epochs_run"] == trials["epochs_run"].sum()
+    assert (results / "fmnist-s" / "teachers" / "seed0.pt").exists()  # trained as a Ray task
+    assert "tensorboard --logdir" in out and "best: lam=" in out
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(folder.glob("*/events.out.tfevents.*"))
+    assert len(events) == 3
+    tags = set(EventAccumulator(str(events[0])).Reload().Tags()["scalars"])
+    for tag in ("accuracy", "deo_a", "deo_m", "objective", "lr", "train/ce", "train/mfd", "group_acc/gray", "group_acc/color"):
+        assert f"ray/tune/{tag}" in tags, (tag, sorted(tags))
+
+
+def test_asha_stops_some_trials_early(ray_session, data_dir, results, capsys):
+    code, out, err = search(
+        capsys, data_dir, results, "--method", "ad", "--epochs", "4", "--num-samples", "6",
+        "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "2",
+    )
+    assert code == 0, err
+    trials = pd.read_csv(experiment(results, "ad") / "trials.csv")
+    assert len(trials) == 6
+    stopped = trials[trials["status"] == "STOPPED"]
+    assert len(stopped) >= 1 and (stopped["epochs_run"] < 4).all()
+    assert trials["epochs_run"].sum() < 6 * 4
+    best = json.loads((experiment(results, "ad") / "best.json").read_text())
+    assert best["budget"]["epochs_if_no_early_stopping"] == 24
+
+
+def test_non_finite_trial_fails_with_its_reason_and_the_rest_finish(ray_session, data_dir, results, tmp_path, capsys):
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    # λ = 1e39 overflows float32: that trial's loss is inf from its first step.
+    (spaces / "mmd.yaml").write_text(
+        "method: mmd\nparameter: lam\ndistribution: choice\nvalues: [1.0e39, 0.5]\ndefault: 1.0e39\n"
+    )
+    code, out, err = search(
+        capsys, data_dir, results, "--method", "mmd", "--epochs", "1", "--num-samples", "4", "--search-spaces", spaces,
+        "--max-failures", "2",
+    )
+    assert code == 0, err
+    trials = pd.read_csv(experiment(results, "mmd") / "trials.csv")
+    failed = trials[trials["status"] == "ERROR"]
+    assert len(trials) == 4 and len(failed) >= 1 and (failed["lam"] > 1e38).all()
+    assert failed["error"].str.contains("non-finite").all()
+    assert (trials["status"] == "COMPLETED").any()
+    for trial_dir in experiment(results, "mmd").glob("run_trial_*"):
+        log = trial_dir / "epochs.jsonl"
+        if (trial_dir / "nonfinite.txt").exists():  # retries re-raised at once instead of re-running
+            assert not log.exists()
+    best = json.loads((experiment(results, "mmd") / "best.json").read_text())
+    assert best["hyperparameters"]["lam"] == 0.5 and best["budget"]["failed_trials"] == len(failed)
+
+
+def test_ad_hkd_takes_T_from_the_hkd_search(ray_session, data_dir, results, capsys):
+    code, _, err = search(capsys, data_dir, results, "--method", "ad+hkd", "--epochs", "1", "--num-samples", "1")
+    assert code == 2 and "fairtune search --method hkd --dataset fmnist-s" in err and len(err.strip().splitlines()) == 1
+    hkd = experiment(results, "hkd")
+    hkd.mkdir(parents=True)
+    (hkd / "best.json").write_text(json.dumps({"hyperparameters": {"T": 4.0}}))
+    code, out, err = search(capsys, data_dir, results, "--method", "ad+hkd", "--epochs", "1", "--num-samples", "1")
+    assert code == 0, err
+    best = json.loads((experiment(results, "ad+hkd") / "best.json").read_text())
+    assert best["hyperparameters"]["T"] == 4.0 and best["searched"] == "lam"
+    assert "T=4 fixed" in out
+
+
+def test_resume_after_the_driver_is_killed(ray_session, data_dir, tmp_path, capsys):
+    results = tmp_path / "results"
+    argv = [sys.executable, "-m", "fairtune", "search", "--dataset", "fmnist-s", "--data-dir", str(data_dir),
+            "--results-dir", str(results), *SIZES, "--method", "ad", "--epochs", "3", "--num-samples", "3",
+            "--max-concurrent", "1", "--grace-period", "3"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    folder = experiment(results, "ad")
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and len(list(folder.glob("run_trial_*/checkpoint_*"))) < 2:
+            time.sleep(0.5)
+        assert proc.poll() is None, "the search ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (folder / "best.json").exists()
+
+    code, out, err = search(capsys, data_dir, results, "--method", "ad", "--epochs", "3", "--num-samples", "3",
+                            "--max-concurrent", "1", "--grace-period", "3", "--resume")
+    assert code == 0, err
+    trials = pd.read_csv(folder / "trials.csv")
+    assert len(trials) == 3 and trials["trial_id"].is_unique
+    assert (trials["epochs_run"] == 3).all()
+    for trial_dir in folder.glob("run_trial_*"):
+        progress = pd.read_csv(trial_dir / "progress.csv")
+        assert progress["training_iteration"].tolist() == [1, 2, 3]  # continuous, no gap, no repeat
+        runs = [json.loads(line)["epoch"] for line in (trial_dir / "epochs.jsonl").read_text().splitlines()]
+        assert sorted(set(runs)) == [1, 2, 3]
+        assert all(runs.count(e) <= 2 for e in runs)  # at most the epoch in flight at the kill re-ran
+    assert len(list(folder.glob("run_trial_*"))) == 3
