@@ -92,7 +92,8 @@ def parse_space(raw: object, method: str, path: Path | str = "<space>") -> Searc
 
     def number(key: str, value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise bad(key, f"must be a positive finite number, got {value!r}")
+            hint = " (YAML reads 1e5 as text: write 1.0e+5)" if isinstance(value, str) else ""
+            raise bad(key, f"must be a positive finite number, got {value!r}{hint}")
         return float(value)
 
     distribution = raw.get("distribution")

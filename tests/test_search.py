@@ -89,7 +89,7 @@ def test_non_finite_trial_fails_with_its_reason_and_the_rest_finish(ray_session,
     spaces.mkdir()
     # λ = 1e39 overflows float32: that trial's loss is inf from its first step.
     (spaces / "mmd.yaml").write_text(
-        "method: mmd\nparameter: lam\ndistribution: choice\nvalues: [1.0e39, 0.5]\ndefault: 1.0e39\n"
+        "method: mmd\nparameter: lam\ndistribution: choice\nvalues: [1.0e+39, 0.5]\ndefault: 1.0e+39\n"
     )
     code, out, err = search(
         capsys, data_dir, results, "--method", "mmd", "--epochs", "1", "--num-samples", "4", "--search-spaces", spaces,

@@ -1,0 +1,61 @@
+import csv
+from pathlib import Path
+
+import pytest
+
+from fairtune.errors import UserError
+from fairtune.methods import PAPER_ORDER, all_method_names, get_method
+from fairtune.spaces import LAM_RANGE, SPACES_DIR, T_VALUES, load_space
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "paper_hyperparameters.csv"
+
+
+def test_every_method_has_a_valid_space_matching_its_registry_entry():
+    for name in all_method_names():
+        space = load_space(name)
+        method = get_method(name)
+        assert space.parameter == method.searched
+        assert space.fixed == dict(method.fixed_from)
+        if space.parameter == "T":
+            assert space.values == T_VALUES
+        elif space.parameter == "lam":
+            assert (space.low, space.high) == LAM_RANGE
+    assert {p.stem for p in SPACES_DIR.glob("*.yaml")} >= set(PAPER_ORDER)
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason="paper reference table not beside the repo")
+def test_paper_values_are_the_starting_points():
+    for row in csv.DictReader(REFERENCE.open()):
+        space = load_space(row["method"])
+        value = row["temperature"] if space.parameter == "T" else row["lambda"]
+        assert space.start(row["dataset"]) == pytest.approx(float(value)), row
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("method: mfd\nparameter: lam\ndistribution: loguniform\nlow: 1.0e-4\nhigh: 100.0\ndefault: 3.0\nsteps: 4\n", "key 'steps' is not known"),
+        ("method: mfd\nparameter: T\ndistribution: choice\nvalues: [1, 2]\ndefault: 1\n", "key 'parameter'"),
+        ("method: mfd\nparameter: lam\ndistribution: loguniform\nlow: 10.0\nhigh: 1.0\ndefault: 3.0\n", "key 'low' must be below high"),
+        ("method: mfd\nparameter: lam\ndistribution: loguniform\nlow: -1.0\nhigh: 1.0\ndefault: 0.5\n", "key 'low' must be a positive"),
+        ("method: mfd\nparameter: lam\ndistribution: loguniform\nlow: 1e-4\nhigh: 1.0\ndefault: 0.5\n", "write 1.0e+5"),
+        ("method: mfd\nparameter: lam\ndistribution: loguniform\nlow: 1.0e-4\nhigh: 1.0\ndefault: 3.0\n", "key 'default' value 3.0 lies outside"),
+        ("method: mfd\nparameter: lam\ndistribution: gaussian\ndefault: 3.0\n", "key 'distribution'"),
+        ("method: mfd\nparameter: lam\ndistribution: loguniform\nlow: 1.0e-4\nhigh: 100.0\ndefault: 3.0\npaper: {mnist: 3}\n", "key 'paper.mnist' names no dataset"),
+        ("method: hkd\nparameter: T\n", "key 'method' is 'hkd'"),
+        ("method: mfd\nparameter: [lam\n", "not valid YAML at line"),
+        ("- just\n- a list\n", "expected a mapping"),
+    ],
+)
+def test_malformed_space_files_name_file_and_key(tmp_path, text, fragment):
+    (tmp_path / "mfd.yaml").write_text(text)
+    with pytest.raises(UserError) as info:
+        load_space("mfd", tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "mfd.yaml") in message and fragment in message, message
+    assert "\n" not in message
+
+
+def test_a_method_name_never_becomes_a_path_outside_the_folder(tmp_path):
+    with pytest.raises(UserError, match="unknown method"):
+        load_space("../../etc/passwd", tmp_path)
