@@ -101,10 +101,10 @@ def test_non_finite_trial_fails_with_its_reason_and_the_rest_finish(ray_session,
     assert len(trials) == 4 and len(failed) >= 1 and (failed["lam"] > 1e38).all()
     assert failed["error"].str.contains("non-finite").all()
     assert (trials["status"] == "COMPLETED").any()
-    for trial_dir in experiment(results, "mmd").glob("run_trial_*"):
-        log = trial_dir / "epochs.jsonl"
-        if (trial_dir / "nonfinite.txt").exists():  # retries re-raised at once instead of re-running
-            assert not log.exists()
+    logs = experiment(results, "mmd") / "trial_logs"
+    for trial_id in failed["trial_id"]:  # retries re-raised at once instead of re-running the epoch
+        assert (logs / f"{trial_id}.nonfinite.txt").exists()
+        assert not (logs / f"{trial_id}.epochs.jsonl").exists()
     best = json.loads((experiment(results, "mmd") / "best.json").read_text())
     assert best["hyperparameters"]["lam"] == 0.5 and best["budget"]["failed_trials"] == len(failed)
 
@@ -148,7 +148,8 @@ def test_resume_after_the_driver_is_killed(ray_session, data_dir, tmp_path, caps
     for trial_dir in folder.glob("run_trial_*"):
         progress = pd.read_csv(trial_dir / "progress.csv")
         assert progress["training_iteration"].tolist() == [1, 2, 3]  # continuous, no gap, no repeat
-        runs = [json.loads(line)["epoch"] for line in (trial_dir / "epochs.jsonl").read_text().splitlines()]
+        trial_id = trial_dir.name.split("_")[2]
+        runs = [json.loads(line)["epoch"] for line in (folder / "trial_logs" / f"{trial_id}.epochs.jsonl").read_text().splitlines()]
         assert sorted(set(runs)) == [1, 2, 3]
         assert all(runs.count(e) <= 2 for e in runs)  # at most the epoch in flight at the kill re-ran
     assert len(list(folder.glob("run_trial_*"))) == 3

@@ -102,7 +102,7 @@ def _teacher_state(settings: SearchSettings, say: Printer) -> dict | None:
     return state
 
 
-def _progress_callback(say: Printer, total: int, parameter: str | None):
+def _progress_callback(say: Printer, total: int, parameter: str | None, log_dir: Path):
     from ray.tune import Callback
 
     class Progress(Callback):
@@ -120,19 +120,20 @@ def _progress_callback(say: Printer, total: int, parameter: str | None):
             say(f"  {trial.trial_id} finished ({done} of {len(trials)} trials so far)")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            say(f"  {trial.trial_id} FAILED: {_failure_reason(Path(trial.local_path or ''), trial.error_file)}")
+            say(f"  {trial.trial_id} FAILED: {_failure_reason(log_dir, trial.trial_id, trial.error_file)}")
 
     return Progress()
 
 
-def _failure_reason(trial_dir: Path, error_file: str | None = None) -> str:
-    from fairtune.tune.trainable import FAILURE_FILE
+def _failure_reason(log_dir: Path, trial_id: str, error_file: str | Path | None) -> str:
+    """The recorded non-finite reason, else the last line of Tune's error file."""
+    from fairtune.tune.trainable import failure_marker
 
-    marker = trial_dir / FAILURE_FILE
+    marker = failure_marker(log_dir, trial_id)
     if marker.exists():
         return marker.read_text().strip()
-    path = Path(error_file) if error_file else trial_dir / "error.txt"
-    if path.exists():
+    path = Path(error_file) if error_file else None
+    if path is not None and path.exists():
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         return lines[-1].strip() if lines else "unknown error"
     return "unknown error"
@@ -170,9 +171,13 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
     epochs = total_epochs(settings.base)
     teacher_state = _teacher_state(settings, say) if method.needs_teacher else None
 
-    from fairtune.tune.trainable import TrialSpec, run_trial
+    from fairtune.tune.trainable import LOG_FOLDER, TrialSpec, run_trial
 
-    spec = TrialSpec(settings.base, settings.data, str(Path(settings.data_dir).resolve()), settings.cpus_per_trial, settings.device)
+    log_dir = folder / LOG_FOLDER
+    log_dir.mkdir(parents=True, exist_ok=True)
+    spec = TrialSpec(
+        settings.base, settings.data, str(Path(settings.data_dir).resolve()), str(log_dir), settings.cpus_per_trial, settings.device
+    )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec, teacher_state=teacher_state),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
@@ -198,7 +203,7 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
         name=method.name,
         storage_path=str(folder.parent),
         verbose=0,
-        callbacks=[_progress_callback(say, epochs, space.parameter)],
+        callbacks=[_progress_callback(say, epochs, space.parameter, log_dir)],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=settings.max_failures),
     )
@@ -218,26 +223,32 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
             run_config=run_config,
         )
     grid = tuner.fit()
-    trials = trials_table(grid, space.parameter, epochs, settings.base.objective)
+    trials = trials_table(grid, space.parameter, epochs, settings.base.objective, log_dir)
     io.write_text(folder / "trials.csv", trials.to_csv(index=False))
     best = best_record(trials, settings, space, epochs, time.time() - started)
     io.write_json(folder / "best.json", best)
     return best
 
 
-def trials_table(grid, parameter: str | None, epochs: int, objective: str) -> pd.DataFrame:
+def trial_id_of(trial_dir: Path) -> str:
+    """Tune names trial folders `<trainable>_<id>_<n>_<params>_<time>`; run_trial has one underscore."""
+    return trial_dir.name.split("_")[2]
+
+
+def trials_table(grid, parameter: str | None, epochs: int, objective: str, log_dir: Path) -> pd.DataFrame:
     """One row per trial: its hyperparameter, final and best metrics, epochs run, status, failure reason."""
     mode = objective_mode(objective)
     rows = []
     for result in grid:
         frame = result.metrics_dataframe
         trial_dir = Path(result.path)
+        trial_id = (result.metrics or {}).get("trial_id") or trial_id_of(trial_dir)
         row = {
-            "trial_id": (result.metrics or {}).get("trial_id", trial_dir.name),
+            "trial_id": trial_id,
             parameter or "parameter": result.config.get(parameter) if parameter else None,
             "epochs_run": 0,
             "status": "ERROR" if result.error else "COMPLETED",
-            "error": _failure_reason(trial_dir) if result.error else "",
+            "error": _failure_reason(log_dir, trial_id, trial_dir / "error.txt") if result.error else "",
         }
         if frame is not None and len(frame):
             frame = frame.drop_duplicates("training_iteration", keep="last").sort_values("training_iteration")

@@ -23,8 +23,19 @@ from fairtune.engine import NonFiniteLoss, Trainer, TrainConfig
 from fairtune.teachers import teacher_model
 
 STATE_FILE = "state.pt"
-FAILURE_FILE = "nonfinite.txt"
-EPOCH_LOG = "epochs.jsonl"  # one line per epoch actually run, including recomputed ones
+# Side files live in the experiment's `trial_logs/` folder, written straight to storage: Tune's own
+# trial folder is a per-session working copy synced up on checkpoints, so a resumed session would
+# overwrite what the killed one wrote there.
+LOG_FOLDER = "trial_logs"
+
+
+def epoch_log(log_dir: str | Path, trial_id: str) -> Path:
+    """One JSON line per epoch actually run, recomputed ones included: proof of what ran."""
+    return Path(log_dir) / f"{trial_id}.epochs.jsonl"
+
+
+def failure_marker(log_dir: str | Path, trial_id: str) -> Path:
+    return Path(log_dir) / f"{trial_id}.nonfinite.txt"
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,7 @@ class TrialSpec:
     base: TrainConfig  # the fixed hyperparameters are already filled in
     data: DataOptions
     data_dir: str
+    log_dir: str  # the experiment's LOG_FOLDER
     cpus: int
     device: str = "auto"
 
@@ -61,8 +73,8 @@ def _device(spec: TrialSpec) -> torch.device:
 
 def run_trial(config: dict, spec: TrialSpec, teacher_state: dict | None = None) -> None:
     torch.set_num_threads(max(1, spec.cpus))
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    failure = trial_dir / FAILURE_FILE
+    trial_id = tune.get_context().get_trial_id()
+    failure = failure_marker(spec.log_dir, trial_id)
     if failure.exists():
         raise NonFiniteLoss(failure.read_text().strip())
 
@@ -80,7 +92,7 @@ def run_trial(config: dict, spec: TrialSpec, teacher_state: dict | None = None) 
         except NonFiniteLoss as exc:
             failure.write_text(str(exc) + "\n")
             raise
-        with open(trial_dir / EPOCH_LOG, "a") as log:
+        with open(epoch_log(spec.log_dir, trial_id), "a") as log:
             log.write(json.dumps({"epoch": metrics["epoch"], "pid": os.getpid()}) + "\n")
         with tempfile.TemporaryDirectory() as folder:
             torch.save(trainer.state_dict(), Path(folder) / STATE_FILE)
