@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed
 # Installed first and explicitly, so the package's lower bounds never pull a newer multi-GB build.
 TORCH := torch==2.14.1 torchvision==0.29.1
 FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-DEMO := $(BIN)/fairtune
-DEMO_DATA := --dataset fmnist-s --train-size 6000 --eval-size 2000 --epochs 3
+FAIRTUNE := $(BIN)/fairtune
+# The offline main job at CPU scale; the same command with default sizes is the full protocol.
+DEMO_RESULTS := results/demo
+DEMO_ARGS := --dataset fmnist-s --train-size 4000 --eval-size 2000 --max-epochs 3 --num-samples 4 --results-dir $(DEMO_RESULTS)
 
 .PHONY: install data test demo bench clean
 
@@ -34,9 +36,9 @@ test: install data
 	$(BIN)/python -m pytest -q
 
 demo: install data
-	$(DEMO) list
-	$(DEMO) teacher $(DEMO_DATA) --seeds 0
-	$(DEMO) train --method mfd --lam 3 $(DEMO_DATA) --seed 0
+	$(FAIRTUNE) list
+	rm -rf $(DEMO_RESULTS)
+	$(FAIRTUNE) search --method mfd $(DEMO_ARGS)
 
 bench: install data
 	@ls benchmarks/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }

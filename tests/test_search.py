@@ -67,6 +67,19 @@ def test_mfd_search_writes_best_trials_and_tensorboard(ray_session, data_dir, re
     tags = set(EventAccumulator(str(events[0])).Reload().Tags()["scalars"])
     for tag in ("accuracy", "deo_a", "deo_m", "objective", "lr", "train/ce", "train/mfd", "group_acc/gray", "group_acc/color"):
         assert f"ray/tune/{tag}" in tags, (tag, sorted(tags))
+    assert "lam" in hparams_logged(events[0])  # the HParams view lists the searched hyperparameter
+
+
+def hparams_logged(event_file: Path) -> dict:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for event in EventFileLoader(str(event_file)).Load():
+        for value in event.summary.value:
+            if value.tag == "_hparams_/session_start_info":
+                data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                return dict(data.session_start_info.hparams)
+    return {}
 
 
 def test_asha_stops_some_trials_early(ray_session, data_dir, results, capsys):
