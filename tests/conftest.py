@@ -1,4 +1,5 @@
-"""Test-session setup: Ray (when a test needs it) starts once, loopback-only, with 2 CPUs."""
+"""Test-session setup: Ray (when a test needs it) starts once, loopback-only, with 2 CPUs and one
+logical GPU, so fractional --gpus-per-trial packing is exercised on a CPU-only machine."""
 
 import pytest
 
@@ -14,6 +15,6 @@ def ray_session():
 
     from fairtune.tune.cluster import connect
 
-    connect(None, num_cpus=2)
+    connect(None, num_cpus=2, num_gpus=1)
     yield ray
     ray.shutdown()

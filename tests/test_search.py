@@ -15,7 +15,7 @@ from fairtune.cli import main
 from tests.fixtures.idx import write_fashion_mnist
 
 pytestmark = pytest.mark.slow
-SIZES = ["--train-size", "300", "--eval-size", "100", "--batch-size", "40", "--cpus-per-trial", "1"]
+SIZES = ["--train-size", "300", "--eval-size", "100", "--batch-size", "40", "--cpus-per-trial", "1", "--gpus-per-trial", "0.5"]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -95,6 +95,28 @@ def test_asha_stops_some_trials_early(ray_session, data_dir, results, capsys):
     assert trials["epochs_run"].sum() < 6 * 4
     best = json.loads((experiment(results, "ad") / "best.json").read_text())
     assert best["budget"]["epochs_if_no_early_stopping"] == 24
+    # Two trials at 0.5 GPU each shared the session's one (logical) GPU at the same time.
+    spans = []
+    for progress in experiment(results, "ad").glob("run_trial_*/progress.csv"):
+        frame = pd.read_csv(progress)
+        spans.append((frame["timestamp"].iloc[0] - frame["time_this_iter_s"].iloc[0], frame["timestamp"].iloc[-1]))
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1 :])
+
+
+def test_nothing_to_search_runs_one_trial(ray_session, data_dir, results, capsys):
+    code, out, err = search(capsys, data_dir, results, "--method", "ss", "--epochs", "1", "--num-samples", "5")
+    assert code == 0, err
+    assert "no hyperparameter to search: running one trial" in out
+    assert len(pd.read_csv(experiment(results, "ss") / "trials.csv")) == 1
+    assert json.loads((experiment(results, "ss") / "best.json").read_text())["hyperparameters"] == {}
+
+
+def test_impossible_resources_and_existing_searches_are_one_line_errors(ray_session, data_dir, results, capsys):
+    code, _, err = search(capsys, data_dir, results, "--method", "at", "--gpus-per-trial", "2")
+    assert code == 2 and "exceeds the cluster's 1 GPUs" in err and len(err.strip().splitlines()) == 1
+    assert not experiment(results, "at").exists()
+    code, _, err = search(capsys, data_dir, results, "--method", "ss", "--epochs", "1")
+    assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
 
 
 def test_non_finite_trial_fails_with_its_reason_and_the_rest_finish(ray_session, data_dir, results, tmp_path, capsys):
@@ -139,7 +161,7 @@ def test_resume_after_the_driver_is_killed(ray_session, data_dir, tmp_path, caps
     results = tmp_path / "results"
     argv = [sys.executable, "-m", "fairtune", "search", "--dataset", "fmnist-s", "--data-dir", str(data_dir),
             "--results-dir", str(results), *SIZES, "--method", "ad", "--epochs", "3", "--num-samples", "3",
-            "--max-concurrent", "1", "--grace-period", "3"]
+            "--max-concurrent", "1", "--grace-period", "3", "--gpus-per-trial", "0"]  # its own Ray has no GPU
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     folder = experiment(results, "ad")
     deadline = time.time() + 240
@@ -153,7 +175,7 @@ def test_resume_after_the_driver_is_killed(ray_session, data_dir, tmp_path, caps
     assert not (folder / "best.json").exists()
 
     code, out, err = search(capsys, data_dir, results, "--method", "ad", "--epochs", "3", "--num-samples", "3",
-                            "--max-concurrent", "1", "--grace-period", "3", "--resume")
+                            "--max-concurrent", "1", "--grace-period", "3", "--gpus-per-trial", "0", "--resume")
     assert code == 0, err
     trials = pd.read_csv(folder / "trials.csv")
     assert len(trials) == 3 and trials["trial_id"].is_unique
