@@ -148,13 +148,14 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
     method = get_method(settings.base.method)
     space = load_space(method.name, settings.spaces_dir)
     folder = settings.experiment_dir
-    if settings.resume and not _has_state(folder):
+    if not _has_state(folder):
         if folder.exists():
-            # Killed before Tune saved any state: nothing to resume, and restoring would fail.
+            # Killed before Tune saved any state: nothing can be resumed (Tuner.restore would fail,
+            # or run a single trial), and stale trial folders would mix into a new experiment.
             say(f"no saved search state in {folder}; starting the search afresh")
             shutil.rmtree(folder)
         settings = replace(settings, resume=False)
-    elif not settings.resume and _has_state(folder):
+    elif not settings.resume:
         raise UserError(f"a search already exists in {folder}; pass --resume to continue it, or delete the folder to start over")
 
     resources = connect(settings.address)
