@@ -102,7 +102,7 @@ def _teacher_state(settings: SearchSettings, say: Printer) -> dict | None:
     return state
 
 
-def _progress_callback(say: Printer, total: int, parameter: str | None, log_dir: Path):
+def _progress_callback(say: Printer, total: int, parameter: str | None, log_dir: Path, num_trials: int):
     from ray.tune import Callback
 
     class Progress(Callback):
@@ -117,7 +117,7 @@ def _progress_callback(say: Printer, total: int, parameter: str | None, log_dir:
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             done = sum(t.status in ("TERMINATED", "ERROR") for t in trials) + 1
-            say(f"  {trial.trial_id} finished ({done} of {len(trials)} trials so far)")
+            say(f"  {trial.trial_id} done after {trial.last_result.get('training_iteration', 0)} epochs ({done}/{num_trials} trials)")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             say(f"  {trial.trial_id} FAILED: {_failure_reason(log_dir, trial.trial_id, trial.error_file)}")
@@ -204,7 +204,7 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
         name=method.name,
         storage_path=str(folder.parent),
         verbose=0,
-        callbacks=[_progress_callback(say, epochs, space.parameter, log_dir)],
+        callbacks=[_progress_callback(say, epochs, space.parameter, log_dir, num_samples)],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=settings.max_failures),
     )
