@@ -188,3 +188,14 @@ def test_resume_after_the_driver_is_killed(ray_session, data_dir, tmp_path, caps
         assert sorted(set(runs)) == [1, 2, 3]
         assert all(runs.count(e) <= 2 for e in runs)  # at most the epoch in flight at the kill re-ran
     assert len(list(folder.glob("run_trial_*"))) == 3
+
+
+def test_resume_before_any_saved_state_starts_afresh(ray_session, data_dir, results, capsys):
+    # Killed before Tune wrote its first experiment state: only tuner.pkl exists, which restore chokes on.
+    folder = experiment(results, "nst")
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(b"partial")
+    code, out, err = search(capsys, data_dir, results, "--method", "nst", "--epochs", "1", "--num-samples", "2", "--resume")
+    assert code == 0, err
+    assert "no saved search state" in out
+    assert len(pd.read_csv(folder / "trials.csv")) == 2
