@@ -309,7 +309,7 @@ def _print_search_summary(best: dict, settings) -> None:
     import pandas as pd
 
     folder = settings.experiment_dir
-    trials = pd.read_csv(folder / "trials.csv", dtype={"error": str}, keep_default_na=False)
+    trials = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str, "error": str}).fillna({"error": ""})
     shown = [c for c in ("trial_id", best["searched"], "status", "epochs_run", "final_accuracy", "final_deo_a", "final_deo_m", "final_objective", "error") if c and c in trials]
     print()
     print(trials[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
