@@ -204,3 +204,16 @@ def test_resume_before_any_saved_state_starts_afresh(ray_session, data_dir, resu
     assert code == 0, err
     assert "no saved search state" in out
     assert len(read_trials(folder / "trials.csv")) == 2
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}", "nonsense"])
+def test_unreachable_address_is_a_one_line_error(data_dir, results, capsys, address):
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.time()
+    code, _, err = search(capsys, data_dir, results, "--method", "scratch", "--address", address.format(port=port))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--address" in err
+    assert time.time() - started < 30

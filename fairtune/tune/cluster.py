@@ -9,6 +9,7 @@ bind loopback only (measured with Ray 2.60); a test lists the sockets to keep th
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 from fairtune.errors import UserError
@@ -33,12 +34,30 @@ def prepare_environment(address: str | None) -> None:
         os.environ.update(LOCAL_ONLY_ENV)
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a dead ``host:port``: ``ray.init`` would retry for minutes, logging as it goes."""
+    if address == "auto":
+        return  # Ray itself reports at once when no local cluster is running
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address} is not auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(
+            f"cannot reach the Ray cluster at --address {address} ({exc.strerror or type(exc).__name__}); "
+            "check that `ray start --head` runs there and the port is right, or omit --address for a local Ray"
+        ) from None
+
+
 def connect(address: str | None, num_cpus: int | None = None, num_gpus: float | None = None) -> dict:
     """Start a local Ray (``address=None``) or join a cluster; returns the cluster's resources.
 
     An already initialised Ray (a test session's shared instance) is reused as it is.
     """
     prepare_environment(address)
+    if address is not None:
+        check_reachable(address)
     import ray
 
     if not ray.is_initialized():
