@@ -15,7 +15,7 @@ import torch
 
 from fairtune import io
 from fairtune.data import DatasetSplits
-from fairtune.engine import Trainer, TrainConfig, resolve_device
+from fairtune.engine import Trainer, TrainConfig
 from fairtune.errors import UserError
 from fairtune.methods import get_method
 from fairtune.spaces import SPACES_DIR, load_space
@@ -137,7 +137,6 @@ __all__ = [
     "RunResult",
     "best_config_path",
     "ensure_teacher",
-    "resolve_device",
     "resolve_hyperparameters",
     "run_method",
     "write_run",
