@@ -227,8 +227,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{data.options.select_on} {len(data.selection)}, test {len(data.test)} samples; device {device}",
         flush=True,
     )
-    trainer_epochs = args.epochs + (args.epochs // 2 if method.hint_stage else 0)
-    result = run_method(config, data, teacher, device, _print_epoch(trainer_epochs))
+    result = run_method(config, data, teacher, device, _print_epoch(config.total_epochs))
     out = args.results_dir / args.dataset / "train" / method.name / f"seed{args.seed}.json"
     write_run(out, config, data, result, device)
     _print_test(result.test)
@@ -276,7 +275,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     _setup_threads(args)
 
     from fairtune.data import default_data_dir, load_dataset
-    from fairtune.tune.search import SearchSettings, run_search, total_epochs
+    from fairtune.tune.search import SearchSettings, run_search
 
     options = _data_options(args, args.seed)
     load_dataset(options, args.data_dir)  # fail fast, with the one-line message, on missing data
@@ -297,7 +296,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(
         f"search {method.name} on {args.dataset}: {method.searched or 'nothing'} searched"
         f"{f' ({fixed} fixed)' if fixed else ''}, {args.num_samples if method.searched else 1} trials x "
-        f"up to {total_epochs(settings.base)} epochs, objective {args.objective}; experiment in {settings.experiment_dir}",
+        f"up to {settings.base.total_epochs} epochs, objective {args.objective}; experiment in {settings.experiment_dir}",
         flush=True,
     )
     best = run_search(settings, lambda line: print(line, flush=True))

@@ -47,6 +47,16 @@ class TrainConfig:
     plateau_factor: float = 0.1
     plateau_patience: int = 10
 
+    @property
+    def hint_epochs(self) -> int:
+        """FitNet's stage 1 lasts E/2 epochs; other methods have none."""
+        return self.epochs // 2 if get_method(self.method).hint_stage else 0
+
+    @property
+    def total_epochs(self) -> int:
+        """FitNet runs 1.5·E epochs: E/2 of hints, then E of CE + KD."""
+        return self.hint_epochs + self.epochs
+
     def hyperparameters(self) -> dict[str, float]:
         return {k: v for k, v in (("T", self.T), ("lam", self.lam), ("distill_lam", self.distill_lam)) if v is not None}
 
@@ -107,12 +117,11 @@ class Trainer:
     # -- schedule -----------------------------------------------------------------------------
     @property
     def hint_epochs(self) -> int:
-        return self.config.epochs // 2 if self.method.hint_stage else 0
+        return self.config.hint_epochs
 
     @property
     def total_epochs(self) -> int:
-        """FitNet runs 1.5·E epochs: E/2 of hints, then E of CE + KD."""
-        return self.hint_epochs + self.config.epochs
+        return self.config.total_epochs
 
     def plan(self, index: int) -> EpochPlan:
         stage = "hint" if index < self.hint_epochs else "main"

@@ -58,10 +58,6 @@ def default_grace_period(epochs: int) -> int:
     return max(1, epochs // 10)
 
 
-def total_epochs(base: TrainConfig) -> int:
-    return base.epochs + (base.epochs // 2 if get_method(base.method).hint_stage else 0)
-
-
 def tune_space(space: SearchSpace) -> dict:
     from ray import tune
 
@@ -169,7 +165,7 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     mode = objective_mode(settings.base.objective)
-    epochs = total_epochs(settings.base)
+    epochs = settings.base.total_epochs
     teacher_state = _teacher_state(settings, say) if method.needs_teacher else None
 
     from fairtune.tune.trainable import LOG_FOLDER, TrialSpec, run_trial
