@@ -101,11 +101,14 @@ def nst_loss(student_map: Tensor, teacher_map: Tensor, lam: float) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
-    """(N, M) squared Euclidean distances ‖a_i − b_j‖², clamped at 1e-12 (the official ``pdist``)."""
-    a_sq = a.pow(2).sum(1)
-    b_sq = b.pow(2).sum(1)
-    return (a_sq.unsqueeze(1) + b_sq.unsqueeze(0) - 2 * (a @ b.t())).clamp(min=_SQDIST_EPS)
+def _sq_dists(a: Tensor, b: Tensor, a_sq: Tensor | None = None, b_sq: Tensor | None = None) -> Tensor:
+    """(N, M) squared Euclidean distances ‖a_i − b_j‖², clamped at 1e-12 (the official ``pdist``).
+
+    ``a_sq`` / ``b_sq``: the rows' squared norms, when the caller already has them.
+    """
+    a_sq = a.pow(2).sum(1) if a_sq is None else a_sq
+    b_sq = b.pow(2).sum(1) if b_sq is None else b_sq
+    return torch.addmm(a_sq.unsqueeze(1) + b_sq.unsqueeze(0), a, b.t(), alpha=-2).clamp(min=_SQDIST_EPS)
 
 
 def _mean_weights(labels: Tensor, groups: Tensor, num_classes: int, num_groups: int, dtype: torch.dtype):
@@ -155,23 +158,30 @@ def mfd_loss(
     once per batch, without gradient. Cells with no student sample are skipped. Raw features,
     flattened to (B, D); teacher detached. As the official ``MMDLoss`` (rbf kernel).
 
-    Vectorised: the three B×B kernels are computed once and each cell's means are one-hot weighted
-    quadratic forms, so the cost does not grow with C·G Python iterations.
+    Vectorised: the B×B kernel matrices K_tt, K_ss, K_ts are computed once for the whole batch,
+    and with A (B, C·G) holding 1/n_c on the class-c samples of column (c, g) and Bw (B, C·G)
+    holding 1/n_cg on the samples of cell (c, g), Σ_cells MMD² = Σ K_tt ⊙ AAᵀ + Σ K_ss ⊙ Bw Bwᵀ
+    − 2 Σ K_ts ⊙ A Bwᵀ: no loop over classes or groups, the same few dozen kernels whatever C·G
+    is. K_tt carries no gradient, so its term is built without autograd.
     """
     student = student_feats.flatten(1)
     teacher = teacher_feats.detach().flatten(1).to(student.dtype)
     class_w, cell_w, cell_present = _mean_weights(labels, groups, num_classes, num_groups, student.dtype)
+    class_w = class_w * cell_present  # an empty cell's column is zero on both sides: skipped
 
-    d_ts = _sq_dists(teacher, student)
-    d_tt = _sq_dists(teacher, teacher)
-    d_ss = _sq_dists(student, student)
-    bandwidth = 2 * sigma * d_ts.detach().mean()
-
-    mean_tt = _weighted_means(torch.exp(-d_tt / bandwidth), class_w, class_w)
-    mean_ss = _weighted_means(torch.exp(-d_ss / bandwidth), cell_w, cell_w)
-    mean_ts = _weighted_means(torch.exp(-d_ts / bandwidth), class_w, cell_w)
-    mmd2 = mean_tt + mean_ss - 2 * mean_ts
-    return 0.5 * lam * torch.where(cell_present, mmd2, torch.zeros_like(mmd2)).sum()
+    student_sq = student.pow(2).sum(1)
+    teacher_sq = teacher.pow(2).sum(1)
+    d_ts = _sq_dists(teacher, student, teacher_sq, student_sq)
+    d_ss = _sq_dists(student, student, student_sq, student_sq)
+    scale = -1.0 / (2 * sigma * d_ts.detach().mean())
+    with torch.no_grad():
+        d_tt = _sq_dists(teacher, teacher, teacher_sq, teacher_sq)
+        teacher_term = (torch.exp(d_tt * scale) * (class_w @ class_w.t())).sum()
+        ss_pairs = cell_w @ cell_w.t()
+        ts_pairs = class_w @ cell_w.t()
+    student_term = (torch.exp(d_ss * scale) * ss_pairs).sum()
+    cross_term = (torch.exp(d_ts * scale) * ts_pairs).sum()
+    return 0.5 * lam * (teacher_term + student_term - 2 * cross_term)
 
 
 def mmd_loss(
@@ -254,6 +264,10 @@ class ClassAdversaries(nn.Module):
             nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_groups))
             for _ in range(num_classes)
         )
+        # The same Linear modules, listed once: Sequential's integer indexing is slow Python, and
+        # forward reads 4·C parameters every step.
+        self._first = [adv[0] for adv in self.adversaries]
+        self._second = [adv[2] for adv in self.adversaries]
 
     def __len__(self) -> int:
         return len(self.adversaries)
@@ -266,12 +280,16 @@ class ClassAdversaries(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, num_classes, num_groups): every adversary's group logits on every sample."""
-        w1 = torch.stack([adv[0].weight for adv in self.adversaries])  # (C, H, in)
-        b1 = torch.stack([adv[0].bias for adv in self.adversaries])  # (C, H)
-        w2 = torch.stack([adv[2].weight for adv in self.adversaries])  # (C, G, H)
-        b2 = torch.stack([adv[2].bias for adv in self.adversaries])  # (C, G)
-        hidden = torch.relu(torch.einsum("bi,chi->bch", x, w1) + b1)
-        return torch.einsum("bch,cgh->bcg", hidden, w2) + b2
+        w1 = torch.stack([layer.weight for layer in self._first])  # (C, H, in)
+        b1 = torch.stack([layer.bias for layer in self._first])  # (C, H)
+        w2 = torch.stack([layer.weight for layer in self._second])  # (C, G, H)
+        b2 = torch.stack([layer.bias for layer in self._second])  # (C, G)
+        num_classes, hidden_size, _ = w1.shape
+        # First layers of all C adversaries as one (B, in) × (in, C·H) matmul, second layers as
+        # one batched matmul over C (plain BLAS calls; einsum's permutes cost more at this size).
+        hidden = torch.relu(torch.addmm(b1.flatten(), x, w1.flatten(0, 1).t()))
+        hidden = hidden.view(-1, num_classes, hidden_size).transpose(0, 1)  # (C, B, H)
+        return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2)).transpose(0, 1)
 
     def per_sample_ce(self, x: Tensor, labels: Tensor, groups: Tensor) -> Tensor:
         """(B,) cross-entropy of each sample's own-class adversary predicting its group."""

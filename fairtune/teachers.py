@@ -67,7 +67,20 @@ def read_teacher_state(record: TeacherRecord, options: DataOptions, info: Datase
             f"teacher {record.weights} was trained with other settings ({describe_mismatch(identity, wanted)}); "
             f"retrain it with {make} --force and the same options, or use another --results-dir"
         )
+    _check_weights(state, info, f"teacher {record.weights}", make)
     return state
+
+
+def _check_weights(state: dict, info: DatasetInfo, what: str, make: str) -> None:
+    """Weights that fit the architecture and are all finite, refused here rather than by every trial."""
+    try:
+        build_model(info.model, info.num_classes, info.image_size).load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, ValueError) as exc:  # a foreign file under a right identity
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(":")
+        raise UserError(f"{what} does not fit the {info.model} model ({first}); retrain it: {make} --force") from None
+    broken = [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if broken:
+        raise UserError(f"{what} holds non-finite weights ({broken[0]}); retrain it: {make} --force")
 
 
 def teacher_model(state_dict: dict, info: DatasetInfo) -> nn.Module:

@@ -154,3 +154,132 @@ def test_each_adversary_has_its_own_optimiser_at_the_supplement_lr(data):
     trainer = make_trainer("ad", data, None)
     assert isinstance(trainer.adversaries, losses.ClassAdversaries)
     assert len(trainer.adv_optimizers) == 10 and all(o.param_groups[0]["lr"] == 3e-3 for o in trainer.adv_optimizers)
+
+
+# -- --compile --------------------------------------------------------------------------------
+
+
+class _FailsInBackward(torch.autograd.Function):
+    """Identity forward whose backward raises: a compiler that only breaks on the backward graph."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward compilation failed (simulated)")
+
+
+def _broken_compile(where: str):
+    def compile(model, **kwargs):
+        if where == "at compile":
+            raise RuntimeError("torch.compile is not supported on this Python (simulated)")
+
+        def forward(x):
+            if where == "in forward":
+                raise RuntimeError("no working C++ compiler (simulated)")
+            out = model(x)
+            return out._replace(logits=_FailsInBackward.apply(out.logits))
+
+        return forward
+
+    return compile
+
+
+@pytest.mark.parametrize("where", ["at compile", "in forward", "in backward"])
+def test_failed_compile_warns_once_and_trains_exactly_as_eager(where, data, teacher, monkeypatch, caplog):
+    eager = make_trainer("mfd", data, teacher).fit()
+    monkeypatch.setattr(torch, "compile", _broken_compile(where))
+    with caplog.at_level("WARNING", logger="fairtune.engine"):
+        trainer = make_trainer("mfd", data, teacher, compile=True)
+        history = trainer.fit()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "torch.compile failed" in warnings[0].getMessage()
+    assert "simulated" in warnings[0].getMessage()
+    assert history == eager  # the retried first step sees the same RNG draws
+
+
+def test_compile_trains_the_student(data, teacher, caplog):
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported on this platform")
+    with caplog.at_level("WARNING", logger="fairtune.engine"):
+        trainer = make_trainer("mfd", data, teacher, epochs=1, compile=True)
+        before = [p.detach().clone() for p in trainer.student.parameters()]
+        history = trainer.fit()
+    fell_back = any("torch.compile failed" in r.getMessage() for r in caplog.records)
+    assert fell_back or trainer._train_forward is not trainer.student  # compiled, or said why not
+    assert math.isfinite(history[-1]["train/loss"]) and math.isfinite(history[-1]["accuracy"])
+    assert all(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    assert not any(k.startswith("_orig_mod") for k in trainer.state_dict()["student"])
+
+
+@pytest.mark.parametrize("command", ["train", "search", "teacher"])
+def test_compile_flag_reaches_the_train_config(command):
+    from fairtune.cli import _train_config, build_parser
+
+    argv = [command, "--dataset", "cifar10s", *(["--method", "mfd"] if command != "teacher" else [])]
+    assert _train_config(build_parser().parse_args(argv), "mfd", {"lam": 1.0}).compile is False
+    assert _train_config(build_parser().parse_args([*argv, "--compile"]), "mfd", {"lam": 1.0}).compile is True
+
+
+# -- the teacher table ------------------------------------------------------------------------
+
+
+def test_teacher_table_holds_the_teachers_outputs_for_both_flips(data, teacher):
+    trainer = make_trainer("mfd", data, teacher)
+    table = trainer.teacher_table
+    n = len(data.train)
+    assert table.shape == (2 * n, 10 + 256)
+    source = trainer.train_source
+    index = torch.tensor([0, 5, n - 1])
+    images, _, _ = source.gather(index)
+    for flip in (False, True):
+        with torch.no_grad():
+            out = trainer.teacher(source.train_batch(images, {"flip": torch.full((3,), flip)}))
+        rows = table[index * 2 + int(flip)]
+        torch.testing.assert_close(rows[:, :10], out.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rows[:, 10:], out.features, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["scratch", "mmd", "at", "nst", "ad+at"])
+def test_no_teacher_table_without_a_teacher_or_for_feature_map_methods(method, data, teacher):
+    assert make_trainer(method, data, teacher).teacher_table is None
+
+
+def test_no_teacher_table_under_random_crops(data, teacher):
+    from dataclasses import replace
+
+    cropped = replace(data, info=replace(data.info, augment="resize_crop_flip"))  # a crop makes outputs per-draw
+    assert make_trainer("mfd", cropped, teacher).teacher_table is None
+
+
+@pytest.mark.parametrize("method", ["mfd", "fitnet", "ad+hkd"])
+def test_training_from_the_table_matches_running_the_teacher(method, data, teacher):
+    cached = make_trainer(method, data, teacher).fit()
+    live = make_trainer(method, data, teacher)
+    live.teacher_table = None  # run the teacher's forward in every step instead
+    for a, b in zip(cached, live.fit()):
+        for key in (k for k in a if k.startswith("train/")):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["mfd", "ad+hkd", "nst", "mmd"])
+def test_training_steps_never_wait_for_the_gpu(method, data, teacher):
+    """No .item(), no data-dependent shapes: every step only queues work (SPEC's GPU data path)."""
+    needs = get_method(method).needs_teacher
+    trainer = Trainer(config_for(method, epochs=1), data, teacher if needs else None, torch.device("cuda"))
+    step = trainer._train_step
+
+    def strict_step(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return step(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    trainer._train_step = strict_step
+    assert math.isfinite(trainer.run_epoch()["train/loss"])

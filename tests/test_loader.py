@@ -77,3 +77,24 @@ def test_eval_batch_resizes_and_normalises():
     x = source.eval_batch(images)
     assert x.shape == (2, 3, 176, 176)
     assert abs(float(x.mean())) < 0.5  # roughly centred by ImageNet statistics
+
+
+def test_memmap_gather_follows_the_view_index_and_the_plan_stays_on_the_host(tmp_path):
+    full = split(10, 8, as_memmap=True, tmp_path=tmp_path)
+    subset = ImageView(full.images, np.array([9, 7, 5, 3, 1]))  # a view of a view, as subsampling makes
+    source = BatchSource(Split(subset, torch.arange(5), torch.zeros(5, dtype=torch.long)), info("flip", 8, False), torch.device("cpu"))
+    images, labels, _ = source.gather(torch.tensor([4, 0, 2]))
+    assert images.dtype == torch.uint8 and images.is_contiguous()
+    assert torch.equal(images, torch.from_numpy(np.array(full.images.array[[1, 9, 5]])))
+    assert torch.equal(labels, torch.tensor([4, 0, 2]))
+    plan = torch.arange(4).view(2, 2)
+    assert source.stage_plan(plan).device.type == "cpu"
+
+
+def test_tensor_split_stages_the_whole_plan_on_its_device():
+    source = BatchSource(split(8, 8), info("flip", 8, False), torch.device("cpu"))
+    plan = torch.randperm(8).view(2, 4)
+    staged = source.stage_plan(plan)
+    assert staged.device == source.images.device and torch.equal(staged, plan)
+    images, _, _ = source.gather(staged[1])
+    assert torch.equal(images, source.images[plan[1]])

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fairtune.data.base import DatasetInfo, Split
+from fairtune.data.base import DatasetInfo, ImageView, Split
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,14 +36,25 @@ class BatchSource:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def stage_plan(self, plan: torch.Tensor) -> torch.Tensor:
+        """An epoch's (num_batches, batch_size) index plan where :meth:`gather` reads it.
+
+        Data on the device gets the whole plan in one copy, so each step's gather is a pure device
+        op; data read on the host (faces) keeps it on the host, where the memmap rows are taken.
+        """
+        return plan.to(self.device) if self.on_device else plan.cpu()
+
     def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """uint8 images, labels and groups of ``index`` (a 1-D int64 tensor), all on the device."""
         if self.on_device:
             index = index.to(self.device, non_blocking=True)
             return self.images[index], self.labels[index], self.groups[index]
-        rows = torch.from_numpy(np.ascontiguousarray(self.images[index.cpu().numpy()]))
-        if self.device.type == "cuda":
-            rows = rows.pin_memory()
+        host_index = index.cpu()
+        # Rows land straight in pinned memory (no pageable staging copy), so the copy to the GPU
+        # below is truly asynchronous and overlaps the previous step's kernels.
+        rows = torch.empty((len(host_index), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        _take_rows(self.images, host_index.numpy(), out=rows.numpy())
+        index = host_index.pin_memory() if self.device.type == "cuda" else host_index
         index = index.to(self.device, non_blocking=True)
         return rows.to(self.device, non_blocking=True), self.labels[index], self.groups[index]
 
@@ -82,14 +93,20 @@ class BatchSource:
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         if self.info.normalize:
             x = (x - self._mean) / self._std
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x.contiguous(memory_format=torch.channels_last)  # the models' layout (see engine.Trainer)
 
     def eval_chunks(self, batch_size: int):
         """Sequential (index) chunks covering the split once."""
         for start in range(0, len(self), batch_size):
             yield torch.arange(start, min(start + batch_size, len(self)))
+
+
+def _take_rows(images: "np.ndarray | ImageView", rows: np.ndarray, out: np.ndarray) -> None:
+    """``out[:] = images[rows]`` read from the (memory-mapped) array in one pass, no temporary."""
+    if isinstance(images, ImageView):
+        images, rows = images.array, images.index[rows]
+    # mode="clip": numpy buffers ``out`` under the default "raise"; plan indices are in range by construction.
+    np.take(images, rows, axis=0, out=out, mode="clip")
 
 
 def _crop(x: torch.Tensor, unit_offsets: torch.Tensor, size: int) -> torch.Tensor:
