@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from fairtune.errors import UserError
@@ -38,13 +41,19 @@ _reduction = _checked(int, lambda v: v >= 2, "an integer >= 2")
 _fraction = _checked(float, lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1")
 _positive_float = _checked(float, lambda v: 0.0 < v < float("inf"), "a positive finite number")
 _non_negative_float = _checked(float, lambda v: 0.0 <= v < float("inf"), "a finite number >= 0")
+# torch also names devices that cannot train (meta, mps, hpu ...): accept only what fairtune runs on.
+_device_name = _checked(str, lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu or cuda[:k]")
+# More threads than cores never helps, and torch crashes on a huge count.
+_thread_count = _checked(int, lambda v: 0 < v <= (os.cpu_count() or 1), f"a positive integer at most {os.cpu_count() or 1} (the CPUs here)")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
     from fairtune.data import DATASETS
     from fairtune.metrics import OBJECTIVES
 
-    p.add_argument("--dataset", required=True, choices=list(DATASETS), metavar="D", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument(
+        "--dataset", required=dataset_required, choices=list(DATASETS), metavar="D", help=f"one of {', '.join(DATASETS)}"
+    )
     p.add_argument("--data-dir", type=Path, default=None, help="where datasets live (default ./data, env FAIRTUNE_DATA)")
     p.add_argument("--results-dir", type=Path, default=Path("results"), help="where results go (default ./results)")
     p.add_argument("--epochs", "--max-epochs", dest="epochs", type=_positive_int, default=50, help="training epochs E (FitNet runs 1.5 E)")
@@ -57,11 +66,25 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select-on", choices=["val", "test"], default="val", help="split for model selection (test = the official procedure)")
     p.add_argument("--objective", choices=list(OBJECTIVES), default="acc-deo_a")
     p.add_argument("--search-spaces", type=Path, default=None, help="folder of <method>.yaml search spaces (default: the repo's search_spaces/)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:k]")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--device", type=_device_name, default="auto", help="auto (CUDA when present), cpu or cuda[:k]")
+    p.add_argument("--threads", type=_thread_count, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student (falls back to eager, with a warning, if it fails)")
+
+
+def _add_cluster(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="Ray cluster to join: auto or ray://host:port (default: start a local Ray)")
+    p.add_argument("--cpus-per-trial", type=_positive_int, default=1, help="CPUs (and torch threads) per run")
+    p.add_argument("--gpus-per-trial", type=_non_negative_float, default=None, help="fractions share a GPU (default 1 if the cluster has GPUs, else 0)")
+
+
+# Flags of `final` that default to what the searches used (best.json) instead of fixed values.
+TRAIN_PROTOCOL_FLAGS = ("epochs", "batch_size", "lr", "adv_lr", "objective", "compile")
+DATA_PROTOCOL_FLAGS = ("skew", "train_size", "eval_size", "target", "select_on")
 
 
 def build_parser() -> Parser:
+    from fairtune.data import DATASETS
+
     parser = Parser(prog="fairtune", description="Hyperparameter search for fair feature distillation and its baselines.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -89,9 +112,7 @@ def build_parser() -> Parser:
     search.add_argument("--grace-period", type=_positive_int, default=None, help="ASHA's first rung in epochs (default E/10)")
     search.add_argument("--reduction-factor", type=_reduction, default=3, help="ASHA's reduction factor (default 3)")
     search.add_argument("--max-concurrent", type=_positive_int, default=None, help="trials running at once (default: as resources allow)")
-    search.add_argument("--address", default=None, help="Ray cluster to join: auto or ray://host:port (default: start a local Ray)")
-    search.add_argument("--cpus-per-trial", type=_positive_int, default=1)
-    search.add_argument("--gpus-per-trial", type=_non_negative_float, default=None, help="fractions share a GPU (default 1 if the cluster has GPUs, else 0)")
+    _add_cluster(search)
     search.add_argument("--max-failures", type=_non_negative_int, default=2, help="retries of a crashed trial from its last checkpoint")
     search.add_argument("--resume", action="store_true", help="continue an interrupted search from its checkpoints")
 
@@ -99,6 +120,23 @@ def build_parser() -> Parser:
     _add_common(teacher)
     teacher.add_argument("--seeds", type=_non_negative_int, nargs="+", default=[0, 1, 2, 3])
     teacher.add_argument("--force", action="store_true", help="retrain even when a teacher file exists")
+    final = commands.add_parser(
+        "final", help="rerun each best config on seeds 0..3, evaluate on test, write tables and plots",
+        description="Rerun each method's best config on every seed (as Ray tasks), training on the train split and "
+        "evaluating on test, then write table.{md,csv,tex}, pareto.png and table.png. Training and data flags "
+        "default to what the searches used (their best.json); pass one to override it for every run.",
+    )
+    final.add_argument("--method", nargs="+", default=None, help="methods to run (default: every method with a best config, plus the teachers)")
+    _add_common(final, dataset_required=False)
+    final.add_argument("--seeds", type=_non_negative_int, nargs="+", default=[0, 1, 2, 3])
+    final.add_argument("--adv-lr", type=_positive_float, help="adversaries' Adam lr (AD methods)")
+    _add_cluster(final)
+    final.add_argument("--force", action="store_true", help="rerun seeds that are done (with scratch named: retrain the teachers)")
+    final.set_defaults(**dict.fromkeys(TRAIN_PROTOCOL_FLAGS + DATA_PROTOCOL_FLAGS))
+
+    report = commands.add_parser("report", help="rebuild tables and plots from results on disk (no training)")
+    report.add_argument("--dataset", required=True, choices=list(DATASETS), metavar="D", help=f"one of {', '.join(DATASETS)}")
+    report.add_argument("--results-dir", type=Path, default=Path("results"))
     return parser
 
 
@@ -202,7 +240,7 @@ def _train_config(args: argparse.Namespace, method: str, hyper: dict[str, float]
 
     return TrainConfig(
         method=method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        adv_lr=getattr(args, "adv_lr", 3e-3), objective=args.objective, **hyper,
+        adv_lr=getattr(args, "adv_lr", 3e-3), objective=args.objective, compile=getattr(args, "compile", False), **hyper,
     )
 
 
@@ -279,11 +317,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     options = _data_options(args, args.seed)
     load_dataset(options, args.data_dir)  # fail fast, with the one-line message, on missing data
-    gpus = args.gpus_per_trial
-    if gpus is None:
-        from fairtune.tune.cluster import connect
-
-        gpus = 1.0 if connect(args.address).get("GPU", 0) else 0.0
+    gpus = _gpus_per_trial(args)
     settings = SearchSettings(
         base=_train_config(args, method.name, hyper), data=options,
         data_dir=args.data_dir or default_data_dir(), results_dir=args.results_dir,
@@ -326,7 +360,80 @@ def _print_search_summary(best: dict, settings) -> None:
     print(f"curves: tensorboard --logdir {Path(settings.results_dir) / settings.data.dataset}")
 
 
-COMMANDS = {"list": cmd_list, "train": cmd_train, "teacher": cmd_teacher, "search": cmd_search}
+def _gpus_per_trial(args: argparse.Namespace) -> float:
+    """The flag, else one GPU per run on a cluster that has GPUs."""
+    if args.gpus_per_trial is not None:
+        return args.gpus_per_trial
+    from fairtune.tune.cluster import connect
+
+    return 1.0 if connect(args.address).get("GPU", 0) else 0.0
+
+
+def _final_datasets(args: argparse.Namespace) -> list[str]:
+    if args.dataset:
+        return [args.dataset]
+    from fairtune.data import DATASETS
+
+    found = [d for d in DATASETS if any((args.results_dir / d / "search").glob("*/best.json"))]
+    if not found:
+        raise UserError(
+            f"no best configs under {args.results_dir}; run `fairtune search --method M --dataset D` first, or pass --dataset"
+        )
+    return found
+
+
+def cmd_final(args: argparse.Namespace) -> int:
+    from fairtune.tune.cluster import prepare_environment
+
+    prepare_environment(args.address)  # before anything imports ray
+    _setup_threads(args)
+
+    from fairtune.data import default_data_dir
+    from fairtune.tune.final import FinalSettings, plan_final, run_final
+
+    failed = []
+    for dataset in _final_datasets(args):
+        settings = FinalSettings(
+            dataset=dataset, results_dir=args.results_dir, data_dir=args.data_dir or default_data_dir(),
+            methods=tuple(args.method or ()), seeds=tuple(dict.fromkeys(args.seeds)),
+            train_overrides={k: getattr(args, k) for k in TRAIN_PROTOCOL_FLAGS if getattr(args, k) is not None},
+            data_overrides={k: getattr(args, k) for k in DATA_PROTOCOL_FLAGS if getattr(args, k) is not None},
+            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0, address=args.address, device=args.device,
+            force=args.force,
+        )
+        plan = plan_final(settings)  # every config checked before a cluster is touched
+        if plan.runs_todo:
+            settings = replace(settings, gpus_per_trial=_gpus_per_trial(args))
+        failures = run_final(settings, plan, lambda line: print(line, flush=True))
+        failed += [f"{dataset}: {line}" for line in failures]
+        _print_report(args.results_dir, dataset)
+    if failed:
+        print(f"fairtune: {len(failed)} final run(s) failed; the others are written and in the table:", file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_report(results_dir: Path, dataset: str) -> None:
+    from fairtune.report import to_markdown, write_report
+
+    table, files = write_report(results_dir, dataset)
+    print(f"\n{dataset} (test split; mean ± sample std over seeds):\n")
+    print(to_markdown(table))
+    print(f"\nwrote {files.markdown}, {files.csv.name}, {files.latex.name}, {files.pareto.name}, {files.bars.name} in {files.markdown.parent}")
+    print(f"curves of the searches: tensorboard --logdir {Path(results_dir) / dataset}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    _print_report(args.results_dir, args.dataset)
+    return 0
+
+
+COMMANDS = {
+    "list": cmd_list, "train": cmd_train, "teacher": cmd_teacher, "search": cmd_search,
+    "final": cmd_final, "report": cmd_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,6 +453,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fairtune: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # The machine, not the user: a full disk, a read-only or vanished folder. Writes are atomic,
+        # so what was written before stays whole.
+        print(f"fairtune: error: cannot access {exc.filename} ({exc.strerror}); free space or fix permissions and rerun", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

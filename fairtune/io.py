@@ -27,7 +27,11 @@ def _atomic(path: Path, write) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda handle: handle.write(text.encode()))
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda handle: handle.write(data))
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -143,3 +143,9 @@ def all_method_names() -> list[str]:
     """Paper methods in paper order, then the extras and every other composition."""
     composed = [f"{p}+{x}" for p in PREFIXES for x in DISTILLATION_METHODS]
     return list(dict.fromkeys([*PAPER_ORDER, *EXTRA_METHODS, *composed]))
+
+
+def in_paper_order(names) -> list[str]:
+    """Distinct names in the paper's row order, then the extras, then any other name alphabetically."""
+    known = all_method_names()
+    return sorted(set(names), key=lambda n: (known.index(n) if n in known else len(known), n))

@@ -87,14 +87,13 @@ def run_method(
 def train_teacher(
     data: DatasetSplits, base: TrainConfig, device: torch.device, on_epoch: Callable[[dict], None] | None = None
 ) -> tuple[dict, dict]:
-    """Train a `scratch` model with ``base``'s protocol; returns (CPU state dict, metrics).
+    """Train a `scratch` model with ``base``'s protocol; returns (CPU state dict, run record).
 
     Returns data rather than writing files so it can run as a Ray task on any node."""
     config = replace(base, method="scratch", T=None, lam=None, distill_lam=None)
     result = run_method(config, data, None, device, on_epoch)
     state = {k: v.detach().cpu() for k, v in result.trainer.student.state_dict().items()}
-    metrics = {"test": result.test, "selection": result.history[-1], "seconds_per_epoch": result.seconds_per_epoch}
-    return state, metrics
+    return state, run_record(config, data, result, device)
 
 
 def ensure_teacher(
@@ -114,23 +113,25 @@ def ensure_teacher(
     return load_teacher(record, data), True
 
 
+def run_record(config: TrainConfig, data: DatasetSplits, result: RunResult, device: torch.device) -> dict:
+    """What a finished run leaves on disk (``train`` and ``final`` write the same record)."""
+    return {
+        "method": config.method,
+        "dataset": data.options.dataset,
+        "seed": data.options.seed,
+        "hyperparameters": config.hyperparameters(),
+        "config": asdict(config),
+        "data": data.options.fingerprint(),
+        "device": str(device),
+        "epochs_run": len(result.history),
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "test": result.test,
+        "history": result.history,
+    }
+
+
 def write_run(path: Path, config: TrainConfig, data: DatasetSplits, result: RunResult, device: torch.device) -> None:
-    io.write_json(
-        path,
-        {
-            "method": config.method,
-            "dataset": data.options.dataset,
-            "seed": data.options.seed,
-            "hyperparameters": config.hyperparameters(),
-            "config": asdict(config),
-            "data": data.options.fingerprint(),
-            "device": str(device),
-            "epochs_run": len(result.history),
-            "seconds_per_epoch": result.seconds_per_epoch,
-            "test": result.test,
-            "history": result.history,
-        },
-    )
+    io.write_json(path, run_record(config, data, result, device))
 
 
 __all__ = [
@@ -139,5 +140,6 @@ __all__ = [
     "ensure_teacher",
     "resolve_hyperparameters",
     "run_method",
+    "run_record",
     "write_run",
 ]

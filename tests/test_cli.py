@@ -12,6 +12,7 @@ from fairtune.data import skewed
 from fairtune.methods import all_method_names
 from tests.fixtures.cifar import write_cifar10
 from tests.fixtures.idx import write_fashion_mnist
+from tests.helpers import assert_one_line_error
 
 SMALL = ["--epochs", "1", "--batch-size", "40", "--eval-size", "40"]
 
@@ -27,16 +28,6 @@ def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fairtune: error: ")
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def test_list_shows_every_method_and_the_data_status(tmp_path, capsys):

@@ -1,0 +1,307 @@
+"""`fairtune final`: every chosen config rerun on each seed as Ray tasks, results on disk per seed.
+
+The protocol is the search's (epochs, batch, lr, data options and sizes; only the seed changes), read
+from the ``best.json`` files; flags given explicitly override it. *Choice*: the final runs train on
+the training split only, not train+val. The searched value was chosen for a model trained on train
+alone; the plateau scheduler keeps stepping on the selection split exactly as in the search; and
+fmnist-s / cifar10s validation images are rendered in both colours, so adding them would change
+the training skew the method is meant to cope with.
+
+Seed ``k`` uses the teacher of seed ``k``. The `scratch` rows are those teachers: a scratch model
+trained with the same protocol is exactly what the paper reports as "Teacher".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable
+
+from fairtune import io
+from fairtune.data import DataOptions, dataset_info, load_dataset
+from fairtune.engine import TrainConfig
+from fairtune.errors import UserError
+from fairtune.methods import get_method, in_paper_order
+from fairtune.runs import best_config_path
+from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
+
+Printer = Callable[[str], None]
+
+# Fields of the protocol shared by every method of one final; the rest are the method's own.
+HYPERPARAMETER_FIELDS = ("method", "T", "lam", "distill_lam")
+PER_SEED_DATA_FIELDS = ("dataset", "seed")
+
+
+@dataclass(frozen=True)
+class FinalSettings:
+    dataset: str
+    results_dir: Path
+    data_dir: Path
+    methods: tuple[str, ...] = ()  # empty: every method with a best.json, plus the teachers
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    train_overrides: dict = field(default_factory=dict)  # TrainConfig fields given as flags
+    data_overrides: dict = field(default_factory=dict)  # DataOptions fields given as flags
+    cpus_per_trial: int = 1
+    gpus_per_trial: float = 0.0
+    address: str | None = None
+    device: str = "auto"
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class FinalJob:
+    """One method's config and which of the requested seeds still have to run."""
+
+    config: TrainConfig
+    todo: tuple[int, ...]
+    done: tuple[int, ...]
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+
+@dataclass(frozen=True)
+class FinalPlan:
+    data: DataOptions  # seed 0's options; each run replaces the seed
+    jobs: tuple[FinalJob, ...]
+    teacher_seeds: tuple[int, ...]  # seeds whose teacher some run needs
+
+    def options(self, seed: int) -> DataOptions:
+        return replace(self.data, seed=seed)
+
+    @property
+    def runs_todo(self) -> int:
+        return sum(len(job.todo) for job in self.jobs)
+
+
+def final_path(results_dir: Path, dataset: str, method: str, seed: int) -> Path:
+    return Path(results_dir) / dataset / "final" / method / f"seed{seed}.json"
+
+
+def _read_best(results_dir: Path, dataset: str, method: str) -> dict | None:
+    path = best_config_path(results_dir, dataset, method)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path} ({type(exc).__name__}); rerun the search for {method} or delete the file") from None
+
+
+def chosen_methods(settings: FinalSettings) -> list[str]:
+    """The named methods, else every method with a best config plus `scratch` (the teachers)."""
+    if settings.methods:
+        return in_paper_order(get_method(name).name for name in settings.methods)
+    folder = Path(settings.results_dir) / settings.dataset / "search"
+    searched = [p.parent.name for p in folder.glob("*/best.json")]
+    if not searched:
+        raise UserError(
+            f"no best configs in {folder}; run a search first, e.g. "
+            f"`fairtune search --method mfd --dataset {settings.dataset}`, or name methods with --method"
+        )
+    return in_paper_order([*searched, "scratch"])
+
+
+def _protocol(settings: FinalSettings, bests: dict[str, dict]) -> tuple[dict, dict]:
+    """Training and data settings shared by every run: the searches' (which must agree), then flags."""
+    train_names = [f.name for f in fields(TrainConfig) if f.name not in HYPERPARAMETER_FIELDS]
+    data_names = [f.name for f in fields(DataOptions) if f.name not in PER_SEED_DATA_FIELDS]
+    resolved: list[dict] = []
+    for names, part, overrides in ((train_names, "train", settings.train_overrides), (data_names, "data", settings.data_overrides)):
+        values = {}
+        for name in names:
+            if name in overrides:
+                values[name] = overrides[name]
+                continue
+            seen = {m: b["settings"][part][name] for m, b in bests.items() if name in b.get("settings", {}).get(part, {})}
+            if len(set(map(json.dumps, seen.values()))) > 1:
+                shown = ", ".join(f"{m}: {v}" for m, v in seen.items())
+                raise UserError(
+                    f"the searches of {settings.dataset} used different {name} ({shown}); rerun them alike, or pass "
+                    f"--{name.replace('_', '-')} to fix it for every final run"
+                )
+            if seen:
+                values[name] = next(iter(seen.values()))
+        resolved.append(values)
+    return resolved[0], resolved[1]
+
+
+def _same_run(record: dict, config: TrainConfig, options: DataOptions) -> str | None:
+    """Why an existing seed file does not belong to this plan (None when it does). Settings a
+    record predates (fields added later) are not held against it."""
+    stored = record.get("config") or {}
+    diff = [
+        f"{k} {stored.get(k)!r} vs {v!r}"
+        for k, v in asdict(config).items()
+        if (k in stored or k in HYPERPARAMETER_FIELDS) and stored.get(k) != v
+    ]
+    if diff:
+        return "; ".join(diff)
+    if record.get("data") != options.fingerprint():
+        return "other data settings"
+    return None
+
+
+def plan_final(settings: FinalSettings) -> FinalPlan:
+    """Everything checked before any run starts: configs, protocol, done seeds. UserError otherwise."""
+    names = chosen_methods(settings)
+    bests = {m: b for m in names if (b := _read_best(settings.results_dir, settings.dataset, m)) is not None}
+    train, data = _protocol(settings, bests)
+    options = DataOptions(dataset=settings.dataset, seed=settings.seeds[0], **data)
+    jobs, teacher_seeds = [], set()
+    for name in names:
+        method = get_method(name)
+        if name in bests:
+            hyper = bests[name]["hyperparameters"]
+        elif method.params:
+            search = f"fairtune search --method {name} --dataset {settings.dataset}"
+            raise UserError(f"{name} has no best config ({best_config_path(settings.results_dir, settings.dataset, name)}); run `{search}` first")
+        else:
+            hyper = {}
+        config = TrainConfig(method=name, **train, **hyper)
+        todo, done = [], []
+        for seed in settings.seeds:
+            path = final_path(settings.results_dir, settings.dataset, name, seed)
+            if path.exists() and not settings.force:
+                try:
+                    why = _same_run(json.loads(path.read_text()), config, replace(options, seed=seed))
+                except (OSError, ValueError):
+                    why = "unreadable file"
+                if why:
+                    raise UserError(f"{path} holds another run ({why}); pass --force to rerun it with the current config")
+                done.append(seed)
+            else:
+                todo.append(seed)
+        jobs.append(FinalJob(config, tuple(todo), tuple(done)))
+        if method.needs_teacher or name == "scratch":
+            teacher_seeds.update(todo)
+    return FinalPlan(options, tuple(jobs), tuple(sorted(teacher_seeds)))
+
+
+def _failure(exc: BaseException) -> str:
+    """The original error of a Ray task, in one line."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}".strip(": ")
+
+
+def _scratch_record(teacher_record: dict, teacher_file: Path) -> dict:
+    return {**teacher_record, "method": "scratch", "teacher": str(teacher_file)}
+
+
+def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) -> list[str]:
+    """Run the plan's missing seeds; returns one line per failed run. Each result is written the
+    moment it arrives, so an interrupted final loses only the runs in flight."""
+    failed: list[str] = []
+    shown = ", ".join(f"{j.method} ({len(j.todo)} to run)" if j.todo else f"{j.method} (done)" for j in plan.jobs)
+    say(f"final on {settings.dataset}, seeds {' '.join(map(str, settings.seeds))}: {shown}")
+    if not plan.runs_todo:
+        say("every seed is done already (--force reruns)")
+        return failed
+    load_dataset(plan.data, settings.data_dir)  # missing data: one line now, not a failed task later
+
+    import ray
+
+    from fairtune.tune.cluster import check_resources, connect
+    from fairtune.tune.tasks import method_run_task, train_teacher_task
+
+    check_resources(connect(settings.address), settings.cpus_per_trial, settings.gpus_per_trial)
+    resources = {"num_cpus": settings.cpus_per_trial, "num_gpus": settings.gpus_per_trial}
+    teacher_task = ray.remote(**resources)(train_teacher_task).options(num_returns=2)
+    run_task = ray.remote(**resources)(method_run_task)
+    data_dir = str(Path(settings.data_dir).resolve())
+    args = (data_dir, settings.device, settings.cpus_per_trial)
+    jobs = {job.method: job for job in plan.jobs}
+    scratch = jobs.get("scratch")
+    base = replace(plan.jobs[0].config, method="scratch", T=None, lam=None, distill_lam=None)
+    info = dataset_info(plan.data)
+
+    retrain = settings.force and scratch is not None
+    stored: dict[int, dict] = {}  # read (and checked against this data) before anything runs
+    for seed in plan.teacher_seeds:
+        files = teacher_paths(settings.results_dir, settings.dataset, seed)
+        if files.weights.exists() and not retrain:
+            stored[seed] = read_teacher_state(files, plan.options(seed), info)
+            _warn_if_other_protocol(files, base, seed, say)
+
+    pending: dict = {}  # object ref -> (method, seed, teacher state ref or None)
+    teachers: dict[int, object] = {}
+    for seed in plan.teacher_seeds:
+        if seed in stored:
+            teachers[seed] = ray.put(stored.pop(seed))
+            if scratch and seed in scratch.todo:
+                files = teacher_paths(settings.results_dir, settings.dataset, seed)
+                _write_scratch_from_disk(settings, files, seed, say)
+            continue
+        state_ref, record_ref = teacher_task.remote(base, plan.options(seed), *args)
+        teachers[seed] = state_ref
+        pending[record_ref] = ("scratch", seed, state_ref)
+        say(f"  teacher seed {seed}: training ({base.total_epochs} epochs)")
+    for job in plan.jobs:
+        if job.method == "scratch":
+            continue
+        teacher_needed = get_method(job.method).needs_teacher
+        for seed in job.todo:
+            ref = run_task.remote(job.config, plan.options(seed), *args, teachers[seed] if teacher_needed else None)
+            pending[ref] = (job.method, seed, None)
+
+    total, finished = len(pending), 0
+    while pending:
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        method, seed, state_ref = pending.pop(ref)
+        finished += 1
+        try:
+            record = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            failed.append(f"{method} seed {seed}: {_failure(exc)}")
+            say(f"  [{finished}/{total}] {method} seed {seed} FAILED: {_failure(exc)}")
+            continue
+        path = final_path(settings.results_dir, settings.dataset, method, seed)
+        try:
+            if state_ref is not None:  # a teacher: store it; it is also the scratch row of its seed
+                files = teacher_paths(settings.results_dir, settings.dataset, seed)
+                save_teacher(files, ray.get(state_ref), teacher_identity(plan.options(seed), info), base.epochs, record)
+                if not (scratch and seed in scratch.todo):
+                    say(f"  [{finished}/{total}] teacher seed {seed}: wrote {files.weights}")
+                    continue
+                record = _scratch_record(record, files.weights)
+            io.write_json(path, record)
+        except OSError as exc:  # a full or read-only disk: this run is lost, the others still land
+            reason = f"cannot write under {path.parent} ({exc.strerror or exc})"
+            failed.append(f"{method} seed {seed}: {reason}")
+            say(f"  [{finished}/{total}] {method} seed {seed} FAILED: {reason}")
+            continue
+        test = record["test"]
+        say(
+            f"  [{finished}/{total}] {method} seed {seed}: test accuracy {test['accuracy']:.2f}  DEO_A {test['deo_a']:.2f}  "
+            f"DEO_M {test['deo_m']:.2f}  ({record['epochs_run']} epochs, {record['seconds_per_epoch']:.1f} s/epoch) -> {path}"
+        )
+    return failed
+
+
+def _write_scratch_from_disk(settings: FinalSettings, files, seed: int, say: Printer) -> None:
+    """A teacher trained earlier (by the search) is the scratch result of its seed."""
+    stored = json.loads(files.metrics.read_text())
+    path = final_path(settings.results_dir, settings.dataset, "scratch", seed)
+    io.write_json(path, _scratch_record(stored, files.weights))
+    test = stored["test"]
+    say(f"  scratch seed {seed}: the stored teacher, test accuracy {test['accuracy']:.2f}  DEO_A {test['deo_a']:.2f} -> {path}")
+
+
+def _warn_if_other_protocol(files, base: TrainConfig, seed: int, say: Printer) -> None:
+    """A stored teacher is used as it is; say so when it was trained with other settings."""
+    try:
+        trained = json.loads(files.metrics.read_text()).get("config") or {}
+    except (OSError, ValueError):
+        trained = {}
+    diff = [f"{k} {trained[k]!r}" for k, v in asdict(base).items() if k in trained and trained[k] != v]
+    if diff:
+        say(
+            f"  note: teacher seed {seed} was trained with {', '.join(diff)} (the final protocol differs); it is used "
+            f"as it is — name scratch with --force to retrain the teachers"
+        )
+
+
+__all__ = ["FinalPlan", "FinalSettings", "final_path", "plan_final", "run_final"]

@@ -1,0 +1,159 @@
+"""`fairtune final`: planning checks (no Ray), then real reruns on a shared local Ray with fixture data."""
+
+import json
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fairtune import io
+from fairtune.cli import main
+from fairtune.errors import UserError
+from fairtune.tune.final import FinalSettings, final_path, plan_final
+from tests.fixtures.idx import write_fashion_mnist
+
+SIZES = ["--train-size", "300", "--eval-size", "100", "--batch-size", "40", "--epochs", "1"]
+
+
+def fake_best(results: Path, method: str, hyper: dict, epochs: int = 3, train_size: int = 300) -> None:
+    """A best.json as the search writes it (only the keys final reads)."""
+    io.write_json(
+        results / "fmnist-s" / "search" / method / "best.json",
+        {
+            "method": method, "hyperparameters": hyper,
+            "val": {"accuracy": 50.0, "deo_a": 5.0},
+            "settings": {
+                "train": {"method": method, "epochs": epochs, "batch_size": 40, "lr": 0.001, "T": None, "lam": None},
+                "data": {"dataset": "fmnist-s", "seed": 0, "skew": None, "train_size": train_size, "eval_size": 100,
+                         "target": None, "select_on": "val"},
+            },
+        },
+    )
+
+
+def settings_for(results: Path, **kwargs) -> FinalSettings:
+    return FinalSettings(dataset="fmnist-s", results_dir=results, data_dir=results, seeds=(0, 1), **kwargs)
+
+
+def test_plan_takes_the_searches_protocol_and_best_values(tmp_path):
+    fake_best(tmp_path, "mfd", {"lam": 0.25})
+    fake_best(tmp_path, "ad+hkd", {"lam": 0.01, "T": 4.0})
+    plan = plan_final(settings_for(tmp_path))
+    assert [j.method for j in plan.jobs] == ["scratch", "ad+hkd", "mfd"]  # paper order, teachers included
+    configs = {j.method: j.config for j in plan.jobs}
+    assert configs["mfd"].lam == 0.25 and configs["ad+hkd"].T == 4.0 and configs["ad+hkd"].lam == 0.01
+    assert {c.epochs for c in configs.values()} == {3} and {c.batch_size for c in configs.values()} == {40}
+    assert plan.data.train_size == 300 and plan.data.eval_size == 100
+    assert plan.teacher_seeds == (0, 1) and all(j.todo == (0, 1) for j in plan.jobs)
+    overridden = plan_final(settings_for(tmp_path, train_overrides={"epochs": 7}))
+    assert {j.config.epochs for j in overridden.jobs} == {7}
+
+
+def test_plan_refuses_searches_with_different_protocols(tmp_path):
+    fake_best(tmp_path, "mfd", {"lam": 0.25}, epochs=3)
+    fake_best(tmp_path, "hkd", {"T": 4.0}, epochs=5)
+    with pytest.raises(UserError, match="different epochs.*--epochs"):
+        plan_final(settings_for(tmp_path))
+    assert {j.config.epochs for j in plan_final(settings_for(tmp_path, train_overrides={"epochs": 5})).jobs} == {5}
+
+
+def test_plan_names_the_search_to_run(tmp_path):
+    with pytest.raises(UserError, match="fairtune search --method mfd --dataset fmnist-s"):
+        plan_final(settings_for(tmp_path))
+    with pytest.raises(UserError, match="fairtune search --method hkd --dataset fmnist-s"):
+        plan_final(settings_for(tmp_path, methods=("hkd",)))
+    # Methods without a hyperparameter need no search.
+    assert [j.method for j in plan_final(settings_for(tmp_path, methods=("ss", "scratch"))).jobs] == ["scratch", "ss"]
+
+
+def test_plan_refuses_a_seed_file_from_another_config(tmp_path):
+    fake_best(tmp_path, "mfd", {"lam": 0.25})
+    plan = plan_final(settings_for(tmp_path, methods=("mfd",)))
+    record = {"config": {**plan.jobs[0].config.__dict__, "lam": 9.0}, "data": plan.options(0).fingerprint()}
+    io.write_json(final_path(tmp_path, "fmnist-s", "mfd", 0), record)
+    with pytest.raises(UserError, match="lam 9.0 vs 0.25.*--force"):
+        plan_final(settings_for(tmp_path, methods=("mfd",)))
+    assert plan_final(settings_for(tmp_path, methods=("mfd",), force=True)).jobs[0].todo == (0, 1)
+    io.write_json(final_path(tmp_path, "fmnist-s", "mfd", 0), record | {"config": plan.jobs[0].config.__dict__})
+    assert plan_final(settings_for(tmp_path, methods=("mfd",))).jobs[0].todo == (1,)
+
+
+def test_final_without_best_configs_is_one_line(tmp_path, capsys):
+    assert main(["final", "--dataset", "fmnist-s", "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fairtune search --method" in err
+    assert main(["final", "--results-dir", str(tmp_path)]) == 2  # no dataset given, none found
+    assert "fairtune search" in capsys.readouterr().err
+
+
+# -- end to end on Ray ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_fashion_mnist(root, n_train_per_class=520, n_test_per_class=20)
+    return root
+
+
+def run(capsys, *argv):
+    code = main([*map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def deo_from_matrix(matrix):
+    """DEO_A / DEO_M by a plain loop over classes (every cell is filled at these sizes)."""
+    gaps = [max(row[c] for row in matrix) - min(row[c] for row in matrix) for c in range(len(matrix[0]))]
+    return sum(gaps) / len(gaps), max(gaps)
+
+
+@pytest.mark.slow
+def test_final_reruns_best_configs_per_seed_then_skips_and_forces(ray_session, data_dir, tmp_path, capsys):
+    common = ["--dataset", "fmnist-s", "--data-dir", data_dir, "--results-dir", tmp_path]
+    for method in ("ss", "hkd"):
+        code, _, err = run(capsys, "search", "--method", method, *common, *SIZES, "--num-samples", "1", "--gpus-per-trial", "0")
+        assert code == 0, err
+    best_t = json.loads((tmp_path / "fmnist-s" / "search" / "hkd" / "best.json").read_text())["hyperparameters"]["T"]
+
+    code, out, err = run(capsys, "final", *common, "--seeds", "0", "1", "--gpus-per-trial", "0")
+    assert code == 0, err
+    records = {}
+    for method in ("scratch", "hkd", "ss"):
+        for seed in (0, 1):
+            record = json.loads(final_path(tmp_path, "fmnist-s", method, seed).read_text())
+            assert record["seed"] == seed and record["method"] == method and record["epochs_run"] == 1
+            assert record["data"]["train_size"] == 300 and record["config"]["epochs"] == 1
+            deo_a, deo_m = deo_from_matrix(record["test"]["acc_matrix"])
+            assert record["test"]["deo_a"] == pytest.approx(deo_a) and record["test"]["deo_m"] == pytest.approx(deo_m)
+            records[method, seed] = record
+    assert records["hkd", 0]["hyperparameters"] == {"T": best_t}
+    assert (tmp_path / "fmnist-s" / "teachers" / "seed1.pt").exists()  # trained by final for seed 1
+    # Seed 0's teacher came from the search: the scratch row of seed 0 is that teacher's test result.
+    teacher0 = json.loads((tmp_path / "fmnist-s" / "teachers" / "seed0.json").read_text())
+    assert records["scratch", 0]["test"] == teacher0["test"]
+    weights = [io.load_torch(tmp_path / "fmnist-s" / "teachers" / f"seed{s}.pt")["state_dict"] for s in (0, 1)]
+    assert any(not (weights[0][k] == weights[1][k]).all() for k in weights[0])  # each seed its own teacher
+
+    table = pd.read_csv(tmp_path / "fmnist-s" / "table.csv").set_index("method")
+    assert list(table.index) == ["scratch", "hkd", "ss"]
+    for method in table.index:
+        for metric in ("accuracy", "deo_a", "deo_m"):
+            values = [records[method, s]["test"][metric] for s in (0, 1)]
+            assert table.loc[method, f"{metric}_mean"] == pytest.approx(statistics.mean(values), abs=1e-4)
+            assert table.loc[method, f"{metric}_std"] == pytest.approx(statistics.stdev(values), abs=1e-4)
+    assert (tmp_path / "fmnist-s" / "table.md").read_text().strip() in out
+    assert (tmp_path / "fmnist-s" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "fmnist-s" / "final").glob("*/*.json")}
+    code, out, err = run(capsys, "final", *common, "--seeds", "0", "1")
+    assert code == 0 and "every seed is done" in out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    code, out, err = run(capsys, "final", *common, "--method", "ss", "--seeds", "1", "--force", "--gpus-per-trial", "0")
+    assert code == 0, err
+    changed = {p for p in stamps if p.stat().st_mtime_ns != stamps[p]}
+    assert changed == {final_path(tmp_path, "fmnist-s", "ss", 1)}
+    rerun = json.loads(final_path(tmp_path, "fmnist-s", "ss", 1).read_text())
+    assert rerun["test"] == records["ss", 1]["test"]  # same seed, same data, CPU: identical
