@@ -62,6 +62,9 @@ def load_space(method: str, directory: Path = SPACES_DIR) -> SearchSpace:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}: not valid YAML{where}; fix the file or delete it to use the standard space") from None
+    except Exception as exc:  # unreadable, not UTF-8, or a scalar PyYAML fails to build (2001-02-30, !!int x, …)
+        why = str(exc).split(";")[0] or type(exc).__name__
+        raise UserError(f"{path}: cannot read it as YAML ({why}); fix the file or delete it to use the standard space") from None
     return parse_space(raw, method, path)
 
 
@@ -91,7 +94,11 @@ def parse_space(raw: object, method: str, path: Path | str = "<space>") -> Searc
         return SearchSpace(method, None, fixed=fixed)
 
     def number(key: str, value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        try:
+            finite = isinstance(value, (int, float)) and math.isfinite(value)
+        except OverflowError:  # YAML reads 1000…0 as an int of any size; no float holds it
+            raise bad(key, "must be a positive finite number, got one beyond float range") from None
+        if isinstance(value, bool) or not finite or value <= 0:
             hint = " (YAML reads 1e5 as text: write 1.0e+5)" if isinstance(value, str) else ""
             raise bad(key, f"must be a positive finite number, got {value!r}{hint}")
         return float(value)

@@ -13,6 +13,7 @@ import pytest
 
 from fairtune.cli import main
 from tests.fixtures.idx import write_fashion_mnist
+from tests.helpers import experiment, read_trials
 
 pytestmark = pytest.mark.slow
 SIZES = ["--train-size", "300", "--eval-size", "100", "--batch-size", "40", "--cpus-per-trial", "1", "--gpus-per-trial", "0.5"]
@@ -36,15 +37,6 @@ def search(capsys, data_dir, results, *argv):
     code = main(["search", "--dataset", "fmnist-s", "--data-dir", str(data_dir), "--results-dir", str(results), *SIZES, *map(str, argv)])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def read_trials(path) -> pd.DataFrame:
-    # Tune's hex trial ids can look like numbers ("12345678", "1e5a..."): keep them text.
-    return pd.read_csv(path, dtype={"trial_id": str, "error": str}).fillna({"error": ""})
-
-
-def experiment(results, method):
-    return Path(results) / "fmnist-s" / "search" / method
 
 
 def test_mfd_search_writes_best_trials_and_tensorboard(ray_session, data_dir, results, capsys):

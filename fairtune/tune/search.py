@@ -9,6 +9,8 @@ search writes ``best.json`` and ``trials.csv`` beside Tune's files when it ends.
 from __future__ import annotations
 
 import json
+import pickletools
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -18,14 +20,15 @@ from typing import Callable
 import pandas as pd
 
 from fairtune import io
-from fairtune.data import DataOptions, dataset_info, load_dataset
-from fairtune.engine import TrainConfig, resolve_device
+from fairtune.data import DataOptions, dataset_info
+from fairtune.engine import TrainConfig
 from fairtune.errors import UserError
 from fairtune.methods import get_method
 from fairtune.metrics import objective_mode
 from fairtune.spaces import SPACES_DIR, SearchSpace, load_space
 from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
 from fairtune.tune.cluster import check_resources, connect
+from fairtune.tune.tasks import train_teacher_task
 
 Printer = Callable[[str], None]
 
@@ -79,18 +82,9 @@ def _teacher_state(settings: SearchSettings, say: Printer) -> dict | None:
         return read_teacher_state(record, options, info)
     say(f"teacher: none at {record.weights}; training it first (a Ray task, {settings.base.epochs} epochs)")
 
-    @ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)
-    def train(base: TrainConfig, options: DataOptions, data_dir: str, device: str, cpus: int):
-        import torch
-
-        from fairtune.runs import train_teacher
-
-        torch.set_num_threads(max(1, cpus))
-        data = load_dataset(options, data_dir)
-        return train_teacher(data, base, resolve_device(device))
-
+    task = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)(train_teacher_task)
     state, metrics = ray.get(
-        train.remote(settings.base, options, str(settings.data_dir), settings.device, settings.cpus_per_trial)
+        task.remote(settings.base, options, str(settings.data_dir), settings.device, settings.cpus_per_trial)
     )
     save_teacher(record, state, teacher_identity(options, info), settings.base.epochs, metrics)
     test = metrics["test"]
@@ -139,11 +133,60 @@ def _has_state(experiment_dir: Path) -> bool:
     return any(experiment_dir.glob("experiment_state-*.json"))
 
 
+# Tune's state, one set per driver session: experiment_state-<session>.json and its searcher's files.
+_STATE_FILE = re.compile(r"(experiment_state|search_gen_state|searcher-state|basic-variant-state)-(.+)\.(json|pkl)")
+
+
+def _is_whole(path: Path) -> bool:
+    """A JSON document, or a pickle stream that reaches its STOP opcode (walked, never loaded)."""
+    data = path.read_bytes()
+    try:
+        json.loads(data)
+        return True
+    except ValueError:
+        pass
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except Exception:  # truncated: "pickle exhausted before seeing STOP", or garbage
+        return False
+    return bool(data)
+
+
+def _drop_torn_state(folder: Path, say: Printer) -> None:
+    """Tune saves its state in a staging folder and copies it here file by file, not atomically (every
+    session's files, at every save): a driver killed mid-copy leaves torn files, on which Tuner.restore
+    crashes. Drop the newest sessions' state while torn, so the restore takes the last whole one
+    (trials since then re-run); when none is whole, say so and touch nothing."""
+    sessions: dict[str, list[Path]] = {}
+    for path in folder.iterdir():
+        match = _STATE_FILE.fullmatch(path.name)
+        if match and path.is_file():
+            sessions.setdefault(match.group(2), []).append(path)
+    newest_first = sorted(sessions, reverse=True)
+    torn = {s: sorted(p.name for p in sessions[s] if not _is_whole(p)) for s in newest_first}
+    whole = [s for s in newest_first if not torn[s]]
+    if not newest_first or not torn[newest_first[0]]:
+        return
+    if not whole:
+        raise UserError(
+            f"the saved search state in {folder} is torn ({', '.join(sum(torn.values(), []))}), as by a kill while Ray "
+            "Tune copied it there, and no older whole state is left to resume from; delete the folder to start over"
+        )
+    for session in newest_first[: newest_first.index(whole[0])]:
+        say(f"the search state saved at {session} is torn ({', '.join(torn[session])}), as by a kill while it was "
+            f"written; resuming from the state saved at {whole[0]}")
+        for path in sessions[session]:
+            path.unlink()
+
+
 def run_search(settings: SearchSettings, say: Printer = print) -> dict:
     """Run (or resume) the search; returns the content written to ``best.json``."""
     method = get_method(settings.base.method)
     space = load_space(method.name, settings.spaces_dir)
     folder = settings.experiment_dir
+    if settings.resume and folder.is_dir():
+        _drop_torn_state(folder, say)
     if not _has_state(folder):
         if folder.exists():
             # Killed before Tune saved any state: nothing can be resumed (Tuner.restore would fail,
@@ -201,7 +244,9 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
         storage_path=str(folder.parent),
         verbose=0,
         callbacks=[_progress_callback(say, epochs, space.parameter, log_dir, num_samples)],
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        # Two, not one: the experiment state saved on disk can lag the driver by a step, so after a crash
+        # it may name a trial's previous checkpoint, which keeping one would already have deleted.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         failure_config=tune.FailureConfig(max_failures=settings.max_failures),
     )
     started = time.time()

@@ -21,6 +21,7 @@ from fairtune import io
 from fairtune.data import DataOptions, load_dataset
 from fairtune.engine import NonFiniteLoss, Trainer, TrainConfig
 from fairtune.teachers import teacher_model
+from fairtune.tune.tasks import task_device
 
 STATE_FILE = "state.pt"
 # Side files live in the experiment's `trial_logs/` folder, written straight to storage: Tune's own
@@ -63,14 +64,6 @@ def flat_metrics(metrics: dict, group_names: tuple[str, ...]) -> dict:
     return flat
 
 
-def _device(spec: TrialSpec) -> torch.device:
-    if spec.device != "auto":
-        return torch.device(spec.device)
-    import ray
-
-    return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-
-
 def run_trial(config: dict, spec: TrialSpec, teacher_state: dict | None = None) -> None:
     torch.set_num_threads(max(1, spec.cpus))
     trial_id = tune.get_context().get_trial_id()
@@ -80,7 +73,7 @@ def run_trial(config: dict, spec: TrialSpec, teacher_state: dict | None = None) 
 
     data = load_dataset(spec.data, spec.data_dir)
     teacher = teacher_model(teacher_state, data.info) if teacher_state is not None else None
-    trainer = Trainer(replace(spec.base, **config), data, teacher, _device(spec))
+    trainer = Trainer(replace(spec.base, **config), data, teacher, task_device(spec.device))
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
