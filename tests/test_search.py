@@ -13,7 +13,7 @@ import pytest
 
 from fairtune.cli import main
 from tests.fixtures.idx import write_fashion_mnist
-from tests.helpers import experiment, read_trials
+from tests.helpers import assert_search_consistent, experiment, read_trials
 
 pytestmark = pytest.mark.slow
 SIZES = ["--train-size", "300", "--eval-size", "100", "--batch-size", "40", "--cpus-per-trial", "1", "--gpus-per-trial", "0.5"]
@@ -174,17 +174,9 @@ def test_resume_after_the_driver_is_killed(ray_session, data_dir, tmp_path, caps
     code, out, err = search(capsys, data_dir, results, "--method", "ad", "--epochs", "3", "--num-samples", "3",
                             "--max-concurrent", "1", "--grace-period", "3", "--gpus-per-trial", "0", "--resume")
     assert code == 0, err
-    trials = read_trials(folder / "trials.csv")
-    assert len(trials) == 3 and trials["trial_id"].is_unique
+    # Continuous epochs, at most the epoch in flight at the kill re-ran, trials.csv from the last records.
+    trials = assert_search_consistent(folder, 3, 3, max_runs_per_epoch=2, driver_killed=True)
     assert (trials["epochs_run"] == 3).all()
-    for trial_dir in folder.glob("run_trial_*"):
-        progress = pd.read_csv(trial_dir / "progress.csv")
-        assert progress["training_iteration"].tolist() == [1, 2, 3]  # continuous, no gap, no repeat
-        trial_id = trial_dir.name.split("_")[2]
-        runs = [json.loads(line)["epoch"] for line in (folder / "trial_logs" / f"{trial_id}.epochs.jsonl").read_text().splitlines()]
-        assert sorted(set(runs)) == [1, 2, 3]
-        assert all(runs.count(e) <= 2 for e in runs)  # at most the epoch in flight at the kill re-ran
-    assert len(list(folder.glob("run_trial_*"))) == 3
 
 
 def test_resume_before_any_saved_state_starts_afresh(ray_session, data_dir, results, capsys):

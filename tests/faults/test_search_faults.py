@@ -164,7 +164,7 @@ def test_driver_killed_at_three_moments_then_resumed(ray_session, fmnist_dir, tm
     extra = len(read_trials(folder / "trials.csv")) - TRIALS
     unrestorable = "Could not recover from checkpoint as it does not exist on storage anymore"
     trials = assert_search_consistent(
-        folder, TRIALS + max(extra, 0), EPOCHS, max_runs_per_epoch=1 + KILLS, torn_state_dropped=torn,
+        folder, TRIALS + max(extra, 0), EPOCHS, max_runs_per_epoch=1 + KILLS, torn_state_dropped=torn, driver_killed=True,
         allowed_errors=("non-finite", unrestorable),
     )
     lost = int(trials["error"].str.contains(unrestorable).sum())
