@@ -10,6 +10,7 @@ import pytest
 from fairtune import io
 from fairtune.cli import main
 from fairtune.errors import UserError
+from fairtune.tune import final
 from fairtune.tune.final import FinalSettings, final_path, plan_final
 from tests.fixtures.idx import write_fashion_mnist
 
@@ -87,6 +88,50 @@ def test_final_without_best_configs_is_one_line(tmp_path, capsys):
     assert "fairtune search" in capsys.readouterr().err
 
 
+class ListQueue:
+    """The two calls `_show_epochs` makes on a ``ray.util.queue.Queue``, over a plain list."""
+
+    def __init__(self):
+        self.items = []
+
+    def qsize(self):
+        return len(self.items)
+
+    def get_nowait_batch(self, n):
+        taken, self.items = self.items[:n], self.items[n:]
+        return taken
+
+
+def test_epoch_lines_show_each_runs_newest_epoch_at_most_every_interval(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(final.time, "monotonic", lambda: clock[0])
+    queue, shown, printed = ListQueue(), {}, []
+
+    def epoch(run, k):
+        queue.items.append({"run": run, "epoch": k, "of": 9, "accuracy": 50 + k, "deo_a": 10 - k, "seconds": 2.0})
+
+    for k in (1, 2, 3):
+        epoch("hkd seed 0", k)
+    epoch("mfd seed 1", 1)
+    final._show_epochs(queue, shown, printed.append)
+    assert printed == [  # a new run's newest epoch at once, one line per run
+        "  hkd seed 0: epoch 3/9  val accuracy 53.00  DEO_A 7.00  (2.0 s)",
+        "  mfd seed 1: epoch 1/9  val accuracy 51.00  DEO_A 9.00  (2.0 s)",
+    ]
+    clock[0] += final.PROGRESS_EVERY_S - 1
+    epoch("hkd seed 0", 4)
+    epoch("teacher seed 2", 1)
+    final._show_epochs(queue, shown, printed.append)
+    assert printed[2:] == ["  teacher seed 2: epoch 1/9  val accuracy 51.00  DEO_A 9.00  (2.0 s)"]  # hkd: too soon
+    clock[0] += 1
+    epoch("hkd seed 0", 5)
+    final._show_epochs(queue, shown, printed.append)
+    assert printed[3:] == ["  hkd seed 0: epoch 5/9  val accuracy 55.00  DEO_A 5.00  (2.0 s)"]
+    assert queue.items == []
+    final._show_epochs(queue, shown, printed.append)  # nothing new, nothing printed
+    assert len(printed) == 4
+
+
 # -- end to end on Ray ------------------------------------------------------------------------
 
 
@@ -129,6 +174,15 @@ def test_final_reruns_best_configs_per_seed_then_skips_and_forces(ray_session, d
             assert record["test"]["deo_a"] == pytest.approx(deo_a) and record["test"]["deo_m"] == pytest.approx(deo_m)
             records[method, seed] = record
     assert records["hkd", 0]["hyperparameters"] == {"T": best_t}
+    lines = out.splitlines()
+    for (method, seed), record in records.items():
+        if (method, seed) == ("scratch", 0):
+            continue  # the search's teacher, not trained here
+        name = "teacher" if method == "scratch" else method
+        shown = [i for i, line in enumerate(lines) if line.startswith(f"  {name} seed {seed}: epoch 1/1  val accuracy ")]
+        result = [i for i, line in enumerate(lines) if f"] {method} seed {seed}: test accuracy" in line]
+        assert len(shown) == 1 and len(result) == 1 and shown[0] < result[0], out  # progress, then the result
+        assert f"val accuracy {record['history'][-1]['accuracy']:.2f}  DEO_A {record['history'][-1]['deo_a']:.2f}" in lines[shown[0]]
     assert (tmp_path / "fmnist-s" / "teachers" / "seed1.pt").exists()  # trained by final for seed 1
     # Seed 0's teacher came from the search: the scratch row of seed 0 is that teacher's test result.
     teacher0 = json.loads((tmp_path / "fmnist-s" / "teachers" / "seed0.json").read_text())

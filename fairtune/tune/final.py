@@ -14,6 +14,7 @@ trained with the same protocol is exactly what the paper reports as "Teacher".
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,8 @@ from fairtune.runs import best_config_path
 from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
 
 Printer = Callable[[str], None]
+# A running run's epoch line is shown at most this often (its first epoch at once); seconds.
+PROGRESS_EVERY_S = 30.0
 
 # Fields of the protocol shared by every method of one final; the rest are the method's own.
 HYPERPARAMETER_FIELDS = ("method", "T", "lam", "distill_lam")
@@ -203,6 +206,7 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
     load_dataset(plan.data, settings.data_dir)  # missing data: one line now, not a failed task later
 
     import ray
+    from ray.util.queue import Queue
 
     from fairtune.tune.cluster import check_resources, connect
     from fairtune.tune.tasks import method_run_task, train_teacher_task
@@ -212,73 +216,104 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
     teacher_task = ray.remote(**resources)(train_teacher_task).options(num_returns=2)
     run_task = ray.remote(**resources)(method_run_task)
     data_dir = str(Path(settings.data_dir).resolve())
-    args = (data_dir, settings.device, settings.cpus_per_trial)
-    jobs = {job.method: job for job in plan.jobs}
-    scratch = jobs.get("scratch")
-    base = replace(plan.jobs[0].config, method="scratch", T=None, lam=None, distill_lam=None)
-    info = dataset_info(plan.data)
+    progress = Queue(actor_options={"num_cpus": 0})  # epochs finished by the tasks, for the progress lines
+    try:
+        args = (data_dir, settings.device, settings.cpus_per_trial)
+        jobs = {job.method: job for job in plan.jobs}
+        scratch = jobs.get("scratch")
+        base = replace(plan.jobs[0].config, method="scratch", T=None, lam=None, distill_lam=None)
+        info = dataset_info(plan.data)
 
-    retrain = settings.force and scratch is not None
-    stored: dict[int, dict] = {}  # read (and checked against this data) before anything runs
-    for seed in plan.teacher_seeds:
-        files = teacher_paths(settings.results_dir, settings.dataset, seed)
-        if files.weights.exists() and not retrain:
-            stored[seed] = read_teacher_state(files, plan.options(seed), info)
-            _warn_if_other_protocol(files, base, seed, say)
+        retrain = settings.force and scratch is not None
+        stored: dict[int, dict] = {}  # read (and checked against this data) before anything runs
+        for seed in plan.teacher_seeds:
+            files = teacher_paths(settings.results_dir, settings.dataset, seed)
+            if files.weights.exists() and not retrain:
+                stored[seed] = read_teacher_state(files, plan.options(seed), info)
+                _warn_if_other_protocol(files, base, seed, say)
 
-    pending: dict = {}  # object ref -> (method, seed, teacher state ref or None)
-    teachers: dict[int, object] = {}
-    for seed in plan.teacher_seeds:
-        if seed in stored:
-            teachers[seed] = ray.put(stored.pop(seed))
-            if scratch and seed in scratch.todo:
-                files = teacher_paths(settings.results_dir, settings.dataset, seed)
-                _write_scratch_from_disk(settings, files, seed, say)
-            continue
-        state_ref, record_ref = teacher_task.remote(base, plan.options(seed), *args)
-        teachers[seed] = state_ref
-        pending[record_ref] = ("scratch", seed, state_ref)
-        say(f"  teacher seed {seed}: training ({base.total_epochs} epochs)")
-    for job in plan.jobs:
-        if job.method == "scratch":
-            continue
-        teacher_needed = get_method(job.method).needs_teacher
-        for seed in job.todo:
-            ref = run_task.remote(job.config, plan.options(seed), *args, teachers[seed] if teacher_needed else None)
-            pending[ref] = (job.method, seed, None)
+        pending: dict = {}  # object ref -> (method, seed, teacher state ref or None)
+        teachers: dict[int, object] = {}
+        for seed in plan.teacher_seeds:
+            if seed in stored:
+                teachers[seed] = ray.put(stored.pop(seed))
+                if scratch and seed in scratch.todo:
+                    files = teacher_paths(settings.results_dir, settings.dataset, seed)
+                    _write_scratch_from_disk(settings, files, seed, say)
+                continue
+            state_ref, record_ref = teacher_task.remote(base, plan.options(seed), *args, progress)
+            teachers[seed] = state_ref
+            pending[record_ref] = ("scratch", seed, state_ref)
+            say(f"  teacher seed {seed}: training ({base.total_epochs} epochs)")
+        for job in plan.jobs:
+            if job.method == "scratch":
+                continue
+            teacher_needed = get_method(job.method).needs_teacher
+            for seed in job.todo:
+                ref = run_task.remote(job.config, plan.options(seed), *args, teachers[seed] if teacher_needed else None, progress)
+                pending[ref] = (job.method, seed, None)
 
-    total, finished = len(pending), 0
-    while pending:
-        [ref], _ = ray.wait(list(pending), num_returns=1)
-        method, seed, state_ref = pending.pop(ref)
-        finished += 1
-        try:
-            record = ray.get(ref)
-        except ray.exceptions.RayError as exc:
-            failed.append(f"{method} seed {seed}: {_failure(exc)}")
-            say(f"  [{finished}/{total}] {method} seed {seed} FAILED: {_failure(exc)}")
-            continue
-        path = final_path(settings.results_dir, settings.dataset, method, seed)
-        try:
-            if state_ref is not None:  # a teacher: store it; it is also the scratch row of its seed
-                files = teacher_paths(settings.results_dir, settings.dataset, seed)
-                save_teacher(files, ray.get(state_ref), teacher_identity(plan.options(seed), info), base.epochs, record)
-                if not (scratch and seed in scratch.todo):
-                    say(f"  [{finished}/{total}] teacher seed {seed}: wrote {files.weights}")
-                    continue
-                record = _scratch_record(record, files.weights)
-            io.write_json(path, record)
-        except OSError as exc:  # a full or read-only disk: this run is lost, the others still land
-            reason = f"cannot write under {path.parent} ({exc.strerror or exc})"
-            failed.append(f"{method} seed {seed}: {reason}")
-            say(f"  [{finished}/{total}] {method} seed {seed} FAILED: {reason}")
-            continue
-        test = record["test"]
-        say(
-            f"  [{finished}/{total}] {method} seed {seed}: test accuracy {test['accuracy']:.2f}  DEO_A {test['deo_a']:.2f}  "
-            f"DEO_M {test['deo_m']:.2f}  ({record['epochs_run']} epochs, {record['seconds_per_epoch']:.1f} s/epoch) -> {path}"
-        )
+        total, finished = len(pending), 0
+        shown_at: dict[str, float] = {}  # run -> when its last epoch line was shown
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            _show_epochs(progress, shown_at, say)  # before the results: a run's epochs come before its result
+            if not ready:
+                continue
+            [ref] = ready
+            method, seed, state_ref = pending.pop(ref)
+            finished += 1
+            try:
+                record = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                failed.append(f"{method} seed {seed}: {_failure(exc)}")
+                say(f"  [{finished}/{total}] {method} seed {seed} FAILED: {_failure(exc)}")
+                continue
+            path = final_path(settings.results_dir, settings.dataset, method, seed)
+            try:
+                if state_ref is not None:  # a teacher: store it; it is also the scratch row of its seed
+                    files = teacher_paths(settings.results_dir, settings.dataset, seed)
+                    save_teacher(files, ray.get(state_ref), teacher_identity(plan.options(seed), info), base.epochs, record)
+                    if not (scratch and seed in scratch.todo):
+                        say(f"  [{finished}/{total}] teacher seed {seed}: wrote {files.weights}")
+                        continue
+                    record = _scratch_record(record, files.weights)
+                io.write_json(path, record)
+            except OSError as exc:  # a full or read-only disk: this run is lost, the others still land
+                reason = f"cannot write under {path.parent} ({exc.strerror or exc})"
+                failed.append(f"{method} seed {seed}: {reason}")
+                say(f"  [{finished}/{total}] {method} seed {seed} FAILED: {reason}")
+                continue
+            test = record["test"]
+            say(
+                f"  [{finished}/{total}] {method} seed {seed}: test accuracy {test['accuracy']:.2f}  DEO_A {test['deo_a']:.2f}  "
+                f"DEO_M {test['deo_m']:.2f}  ({record['epochs_run']} epochs, {record['seconds_per_epoch']:.1f} s/epoch) -> {path}"
+            )
+    finally:
+        progress.shutdown(force=True)
     return failed
+
+
+def _show_epochs(progress, shown_at: dict[str, float], say: Printer) -> None:
+    """Print the newest epoch each task finished since the last call: a run's first line at once,
+    then at most one line per run every PROGRESS_EVERY_S, so many long runs stay readable."""
+    import ray
+
+    try:
+        waiting = progress.qsize()  # only the driver takes from the queue, so these are all there
+        lines = progress.get_nowait_batch(waiting) if waiting else []
+    except ray.exceptions.RayError:  # the queue's actor is gone (its node died): results still come
+        return
+    now = time.monotonic()
+    newest = {line["run"]: line for line in lines}
+    for run, line in newest.items():
+        if run in shown_at and now - shown_at[run] < PROGRESS_EVERY_S:
+            continue
+        shown_at[run] = now
+        say(
+            f"  {run}: epoch {line['epoch']}/{line['of']}  val accuracy {line['accuracy']:.2f}  "
+            f"DEO_A {line['deo_a']:.2f}  ({line['seconds']:.1f} s)"
+        )
 
 
 def _write_scratch_from_disk(settings: FinalSettings, files, seed: int, say: Printer) -> None:

@@ -1,12 +1,14 @@
 """Whole runs as Ray tasks: a teacher, or one method on one seed.
 
 They return data rather than writing files, so they can run on any node of a cluster without a
-shared filesystem; the driver writes what comes back, atomically.
+shared filesystem; the driver writes what comes back, atomically. Each finished epoch can also be
+sent to the driver through a Ray queue, so that hours-long runs show progress as they go.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any, Callable
 
 import torch
 
@@ -25,13 +27,46 @@ def task_device(device: str) -> torch.device:
     return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
 
 
-def train_teacher_task(base: TrainConfig, options: DataOptions, data_dir: str, device: str, cpus: int) -> tuple[dict, dict]:
+def epoch_reporter(progress: Any, run: str, total: int) -> Callable[[dict], None] | None:
+    """Send each finished epoch of ``run`` to ``progress`` (a ``ray.util.queue.Queue``) or nothing.
+
+    Best effort: a progress line that cannot be delivered (the driver is gone) must not fail the run."""
+    if progress is None:
+        return None
+    import ray
+
+    last = time.perf_counter()
+
+    def report(metrics: dict) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        line = {"run": run, "epoch": metrics["epoch"], "of": total, "accuracy": metrics["accuracy"],
+                "deo_a": metrics["deo_a"], "seconds": now - last}  # fmt: skip
+        last = now
+        try:
+            progress.put_nowait(line)
+        except ray.exceptions.RayError:
+            pass
+
+    return report
+
+
+def train_teacher_task(
+    base: TrainConfig, options: DataOptions, data_dir: str, device: str, cpus: int, progress: Any = None
+) -> tuple[dict, dict]:
     torch.set_num_threads(max(1, cpus))
-    return train_teacher(load_dataset(options, data_dir), base, task_device(device))
+    on_epoch = epoch_reporter(progress, f"teacher seed {options.seed}", base.total_epochs)
+    return train_teacher(load_dataset(options, data_dir), base, task_device(device), on_epoch)
 
 
 def method_run_task(
-    config: TrainConfig, options: DataOptions, data_dir: str, device: str, cpus: int, teacher_state: dict | None
+    config: TrainConfig,
+    options: DataOptions,
+    data_dir: str,
+    device: str,
+    cpus: int,
+    teacher_state: dict | None,
+    progress: Any = None,
 ) -> dict:
     """One method on one seed, evaluated on the test split; returns its run record."""
     torch.set_num_threads(max(1, cpus))
@@ -39,6 +74,7 @@ def method_run_task(
     data = load_dataset(options, data_dir)
     teacher = teacher_model(teacher_state, data.info) if teacher_state is not None else None
     where = task_device(device)
-    record = run_record(config, data, run_method(config, data, teacher, where), where)
+    on_epoch = epoch_reporter(progress, f"{config.method} seed {options.seed}", config.total_epochs)
+    record = run_record(config, data, run_method(config, data, teacher, where, on_epoch), where)
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     return record
