@@ -10,6 +10,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+# What `--resume` says when a driver was killed while Ray Tune copied its state into the search folder
+# and no older whole state exists (Tune copies file by file, not atomically: a known Ray 2.60 race).
+ALL_STATE_TORN = "no older whole state is left to resume from"
+# A trial's error when a kill left Tune's saved state naming a checkpoint its rotation had deleted.
+UNRESTORABLE = "Could not recover from checkpoint as it does not exist on storage anymore"
+
 
 def experiment(results: Path, method: str, dataset: str = "fmnist-s") -> Path:
     """The Ray Tune experiment folder of a search (``results/<D>/search/<M>``)."""

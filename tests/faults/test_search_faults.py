@@ -29,7 +29,8 @@ from fairtune.models import build_model
 from fairtune.teachers import save_teacher, teacher_identity, teacher_paths
 from fairtune.tune.trainable import STATE_FILE
 from tests.helpers import (
-    assert_one_line_error, assert_search_consistent, epoch_runs, experiment, read_trials, snapshot, trial_dirs,
+    ALL_STATE_TORN, UNRESTORABLE, assert_one_line_error, assert_search_consistent, epoch_runs, experiment, read_trials,
+    snapshot, trial_dirs,
 )
 
 pytestmark = pytest.mark.slow
@@ -44,8 +45,6 @@ SEARCH = ["--dataset", "fmnist-s", "--method", "ad", "--epochs", str(EPOCHS), "-
 # that reaches it below the best so far.
 AD_SPACE = "method: ad\nparameter: lam\ndistribution: choice\nvalues: [1.0e-4, 10.0, 100.0]\ndefault: 1.0e-4\n"
 KILLS = 3
-# What a resume says when a kill tore every saved state (a Ray race, see the end of the driver test).
-ALL_STATE_TORN = "no older whole state is left to resume from"
 
 
 class Driver:
@@ -162,12 +161,11 @@ def test_driver_killed_at_three_moments_then_resumed(ray_session, fmnist_dir, tm
     # already deleted, so that trial cannot be restored, or (c) every saved state torn (above). Each is
     # told apart, checked as far as it goes and reported as an expected failure, never passed silently.
     extra = len(read_trials(folder / "trials.csv")) - TRIALS
-    unrestorable = "Could not recover from checkpoint as it does not exist on storage anymore"
     trials = assert_search_consistent(
         folder, TRIALS + max(extra, 0), EPOCHS, max_runs_per_epoch=1 + KILLS, torn_state_dropped=torn, driver_killed=True,
-        allowed_errors=("non-finite", unrestorable),
+        allowed_errors=("non-finite", UNRESTORABLE),
     )
-    lost = int(trials["error"].str.contains(unrestorable).sum())
+    lost = int(trials["error"].str.contains(UNRESTORABLE).sum())
     assert (trials["status"] == "STOPPED").any()
     # A trial interrupted after a checkpoint went on from it in a new worker, not from scratch.
     restarts = []  # the first epoch each later worker of a trial ran
