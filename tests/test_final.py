@@ -108,7 +108,7 @@ def test_epoch_lines_show_each_runs_newest_epoch_at_most_every_interval(monkeypa
     queue, shown, printed = ListQueue(), {}, []
 
     def epoch(run, k):
-        queue.items.append({"run": run, "epoch": k, "of": 9, "accuracy": 50 + k, "deo_a": 10 - k, "seconds": 2.0})
+        queue.items.append({"run": run, "epoch": k, "of": 9, "split": "val", "accuracy": 50 + k, "deo_a": 10 - k, "seconds": 2.0})
 
     for k in (1, 2, 3):
         epoch("hkd seed 0", k)

@@ -311,7 +311,7 @@ def _show_epochs(progress, shown_at: dict[str, float], say: Printer) -> None:
             continue
         shown_at[run] = now
         say(
-            f"  {run}: epoch {line['epoch']}/{line['of']}  val accuracy {line['accuracy']:.2f}  "
+            f"  {run}: epoch {line['epoch']}/{line['of']}  {line['split']} accuracy {line['accuracy']:.2f}  "
             f"DEO_A {line['deo_a']:.2f}  ({line['seconds']:.1f} s)"
         )
 
