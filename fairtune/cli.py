@@ -333,7 +333,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         f"up to {settings.base.total_epochs} epochs, objective {args.objective}; experiment in {settings.experiment_dir}",
         flush=True,
     )
-    best = run_search(settings, lambda line: print(line, flush=True))
+    from fairtune.tune.search import SearchInterrupted
+
+    try:
+        best = run_search(settings, lambda line: print(line, flush=True))
+    except (SearchInterrupted, KeyboardInterrupt) as exc:
+        # Every finished epoch is in the search's ledger and its trials' state files: nothing is lost.
+        why = str(exc) if isinstance(exc, SearchInterrupted) else (
+            f"interrupted; what ran is kept in {settings.experiment_dir}: rerun the same command with --resume to continue"
+        )
+        print(f"fairtune: search {why}", file=sys.stderr)
+        return 130
     _print_search_summary(best, settings)
     return 0
 

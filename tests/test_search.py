@@ -13,7 +13,7 @@ import pytest
 
 from fairtune.cli import main
 from tests.fixtures.idx import write_fashion_mnist
-from tests.helpers import ALL_STATE_TORN, UNRESTORABLE, assert_search_consistent, experiment, read_trials
+from tests.helpers import Driver, assert_one_line_error, assert_search_consistent, experiment, ledger, ledger_trials, read_trials, snapshot
 
 pytestmark = pytest.mark.slow
 SIZES = ["--train-size", "300", "--eval-size", "100", "--batch-size", "40", "--cpus-per-trial", "1", "--gpus-per-trial", "0.5"]
@@ -59,7 +59,7 @@ def test_mfd_search_writes_best_trials_and_tensorboard(ray_session, data_dir, re
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = sorted(folder.glob("*/events.out.tfevents.*"))
+    events = sorted(folder.glob("tune/*/events.out.tfevents.*"))
     assert len(events) == 3
     tags = set(EventAccumulator(str(events[0])).Reload().Tags()["scalars"])
     for tag in ("accuracy", "deo_a", "deo_m", "objective", "lr", "train/ce", "train/mfd", "group_acc/gray", "group_acc/color"):
@@ -94,7 +94,7 @@ def test_asha_stops_some_trials_early(ray_session, data_dir, results, capsys):
     assert best["budget"]["epochs_if_no_early_stopping"] == 24
     # Two trials at 0.5 GPU each shared the session's one (logical) GPU at the same time.
     spans = []
-    for progress in experiment(results, "ad").glob("run_trial_*/progress.csv"):
+    for progress in experiment(results, "ad").glob("tune/*/progress.csv"):
         frame = pd.read_csv(progress)
         spans.append((frame["timestamp"].iloc[0] - frame["time_this_iter_s"].iloc[0], frame["timestamp"].iloc[-1]))
     assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1 :])
@@ -133,10 +133,10 @@ def test_non_finite_trial_fails_with_its_reason_and_the_rest_finish(ray_session,
     assert len(trials) == 4 and len(failed) >= 1 and (failed["lam"] > 1e38).all()
     assert failed["error"].str.contains("non-finite").all()
     assert (trials["status"] == "COMPLETED").any()
-    logs = experiment(results, "mmd") / "trial_logs"
+    logs = experiment(results, "mmd") / "trials"
     for trial_id in failed["trial_id"]:  # retries re-raised at once instead of re-running the epoch
-        assert (logs / f"{trial_id}.nonfinite.txt").exists()
-        assert not (logs / f"{trial_id}.epochs.jsonl").exists()
+        assert (logs / trial_id / "nonfinite.txt").exists()
+        assert not (logs / trial_id / "epochs.jsonl").exists()
     best = json.loads((experiment(results, "mmd") / "best.json").read_text())
     assert best["hyperparameters"]["lam"] == 0.5 and best["budget"]["failed_trials"] == len(failed)
 
@@ -156,47 +156,62 @@ def test_ad_hkd_takes_T_from_the_hkd_search(ray_session, data_dir, results, caps
 
 def test_resume_after_the_driver_is_killed(ray_session, data_dir, tmp_path, capsys):
     results = tmp_path / "results"
-    argv = [sys.executable, "-m", "fairtune", "search", "--dataset", "fmnist-s", "--data-dir", str(data_dir),
-            "--results-dir", str(results), *SIZES, "--method", "ad", "--epochs", "3", "--num-samples", "3",
-            "--max-concurrent", "1", "--grace-period", "3", "--gpus-per-trial", "0"]  # its own Ray has no GPU
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ad = ["--method", "ad", "--epochs", "3", "--num-samples", "3", "--max-concurrent", "1", "--grace-period", "3",
+          "--gpus-per-trial", "0"]  # its own Ray has no GPU
+    argv = ["--dataset", "fmnist-s", "--data-dir", str(data_dir), "--results-dir", str(results), *SIZES, *ad]
     folder = experiment(results, "ad")
-    deadline = time.time() + 240
+    driver = Driver(argv, tmp_path / "driver.log", REPO)
+
+    def two_epochs_recorded() -> bool:
+        return (folder / "ledger.json").exists() and sum(len(t["epochs"]) for t in ledger(folder)["trials"]) >= 2
+
     try:
-        while time.time() < deadline and len(list(folder.glob("run_trial_*/checkpoint_*"))) < 2:
-            time.sleep(0.5)
-        assert proc.poll() is None, "the search ended before it could be killed"
+        assert driver.wait_for(two_epochs_recorded, "two recorded epochs"), driver.output()
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        driver.kill()
+        driver.reap()
     assert not (folder / "best.json").exists()
+    before = ledger_trials(folder)
 
-    code, out, err = search(capsys, data_dir, results, "--method", "ad", "--epochs", "3", "--num-samples", "3",
-                            "--max-concurrent", "1", "--grace-period", "3", "--gpus-per-trial", "0", "--resume")
-    if code == 2 and ALL_STATE_TORN in err:  # the kill landed while Tune copied its only saved state
-        pytest.xfail(f"Ray 2.60 state-copy race: the kill tore every saved state ({err.strip()})")
+    code, out, err = search(capsys, data_dir, results, *ad, "--resume")
     assert code == 0, err
-    # Continuous epochs, at most the epoch in flight at the kill re-ran, trials.csv from the last records.
-    # Two rarer races of Tune's state copy (see tests/faults): a trial too many, or one whose checkpoint
-    # the saved state names was already deleted; both are checked as far as they go, then reported.
-    extra = max(len(read_trials(folder / "trials.csv")) - 3, 0)
-    trials = assert_search_consistent(
-        folder, 3 + extra, 3, max_runs_per_epoch=2, driver_killed=True, allowed_errors=("non-finite", UNRESTORABLE)
-    )
-    lost = int(trials["error"].str.contains(UNRESTORABLE).sum())
-    if extra or lost:
-        pytest.xfail(f"Ray 2.60 state-copy race before the kill: {extra} trial(s) too many, {lost} unrestorable")
-    assert (trials["epochs_run"] == 3).all()
+    assert "resuming the search" in out
+    trials = assert_search_consistent(folder, 3, 3, max_recomputed=1)
+    assert (trials["epochs_run"] == 3).all() and (trials["status"] == "COMPLETED").all()
+    for trial_id, trial in before.items():  # what was recorded before the kill is kept as it was
+        assert ledger_trials(folder)[trial_id]["epochs"][: len(trial["epochs"])] == trial["epochs"]
+
+    # Resuming the finished search runs nothing, keeps every record and adds its time to the budget.
+    spent = json.loads((folder / "best.json").read_text())["budget"]["seconds"]
+    kept = ledger_trials(folder)
+    code, out, err = search(capsys, data_dir, results, *ad, "--resume")
+    assert code == 0, err
+    assert "3 trial(s) finished, 0 to continue, 0 to start" in out
+    assert ledger_trials(folder) == kept and read_trials(folder / "trials.csv").equals(trials)
+    assert json.loads((folder / "best.json").read_text())["budget"]["seconds"] >= spent
 
 
-def test_resume_before_any_saved_state_starts_afresh(ray_session, data_dir, results, capsys):
-    # Killed before Tune wrote its first experiment state: only tuner.pkl exists, which restore chokes on.
+def test_resume_with_other_settings_is_refused(ray_session, data_dir, results, capsys):
+    code, _, err = search(capsys, data_dir, results, "--method", "scratch", "--epochs", "1", "--num-samples", "2")
+    assert code == 0, err
+    folder = experiment(results, "scratch")
+    before = snapshot(folder)
+    code, _, err = search(capsys, data_dir, results, "--method", "scratch", "--epochs", "2", "--num-samples", "3", "--resume")
+    assert_one_line_error(code, err, "--resume", "--epochs 1 -> 2", "delete the folder")
+    code, _, err = search(capsys, data_dir, results, "--method", "scratch", "--epochs", "1", "--lr", "0.01", "--resume")
+    assert_one_line_error(code, err, "--lr 0.001 -> 0.01")
+    assert snapshot(folder) == before  # nothing ran, nothing was rewritten
+    assert json.loads((folder / "best.json").read_text())["settings"]["epochs"] == 1
+
+
+def test_resume_before_any_record_starts_afresh(ray_session, data_dir, results, capsys):
+    # Killed before the ledger was first written: the folder holds only what Tune began.
     folder = experiment(results, "nst")
-    folder.mkdir(parents=True)
-    (folder / "tuner.pkl").write_bytes(b"partial")
+    (folder / "tune").mkdir(parents=True)
+    (folder / "tune" / "tuner.pkl").write_bytes(b"partial")
     code, out, err = search(capsys, data_dir, results, "--method", "nst", "--epochs", "1", "--num-samples", "2", "--resume")
     assert code == 0, err
-    assert "no saved search state" in out
+    assert "no search record" in out
     assert len(read_trials(folder / "trials.csv")) == 2
 
 

@@ -15,10 +15,9 @@ import sys
 from fairtune.errors import UserError
 
 LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-# Save Tune's experiment state after every step (default: at most every 10 s), so a killed driver
-# loses no trial bookkeeping; the cost is negligible at fairtune's step sizes.
+# fairtune never restores Tune's own experiment state (its search ledger is the record), so Tune
+# keeps its default saving period.
 TUNE_ENV = {
-    "TUNE_GLOBAL_CHECKPOINT_S": "0",
     # The classic output path honours verbose=0; fairtune prints its own compact progress lines.
     "RAY_AIR_NEW_OUTPUT": "0",
 }

@@ -9,11 +9,8 @@ search writes ``best.json`` and ``trials.csv`` beside Tune's files when it ends.
 from __future__ import annotations
 
 import json
-import pickletools
-import re
 import shutil
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,9 +25,18 @@ from fairtune.metrics import objective_mode
 from fairtune.spaces import SPACES_DIR, SearchSpace, load_space
 from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
 from fairtune.tune.cluster import check_resources, connect
+from fairtune.tune.ledger import (
+    COMPLETED, ERROR, FINISHED, LEDGER_FILE, RUNNING, STOPPED, TRIAL_KEY, Ledger, TrialRecord, differences, trials_table,
+)
 from fairtune.tune.tasks import train_teacher_task
 
 Printer = Callable[[str], None]
+STUDY_FILE, STUDY_NAME = "optuna.db", "search"
+TUNE_FOLDER = "tune"  # Ray Tune's own files (a fresh experiment per driver session: trial folders, TensorBoard)
+
+
+class SearchInterrupted(Exception):
+    """The search ended before every trial finished (Ctrl-C): the ledger keeps it resumable."""
 
 
 @dataclass(frozen=True)
@@ -61,16 +67,6 @@ def default_grace_period(epochs: int) -> int:
     return max(1, epochs // 10)
 
 
-def tune_space(space: SearchSpace) -> dict:
-    from ray import tune
-
-    if space.parameter is None:
-        return {}
-    if space.distribution == "choice":
-        return {space.parameter: tune.choice(list(space.values))}
-    return {space.parameter: tune.loguniform(space.low, space.high)}
-
-
 def _teacher_state(settings: SearchSettings, say: Printer) -> dict | None:
     """The seed's teacher weights: from disk, or trained now as a Ray task with one trial's resources."""
     import ray
@@ -92,34 +88,196 @@ def _teacher_state(settings: SearchSettings, say: Printer) -> dict | None:
     return state
 
 
-def _progress_callback(say: Printer, total: int, parameter: str | None, log_dir: Path, num_trials: int):
-    from ray.tune import Callback
+# -- the search's hooks into Tune: searcher, scheduler and callback all read and write the ledger ---------
 
-    class Progress(Callback):
-        """One compact line per trial epoch; Ray's own tables are switched off (verbose=0)."""
+
+def _open_study(folder: Path, space: SearchSpace, mode: str, seed: int, dataset: str):
+    """The searcher's memory in Optuna's own storage (SQLite, transactional, so a kill never tears it;
+    ``optuna-dashboard sqlite:///…/optuna.db`` opens it). Created with the paper's value enqueued first."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / STUDY_FILE}")
+    existed = bool(optuna.study.get_all_study_names(storage))
+    study = optuna.create_study(
+        study_name=STUDY_NAME, storage=storage, load_if_exists=True,
+        direction="maximize" if mode == "max" else "minimize",
+        # A resumed search reseeds with the number of trials so far: never re-proposes the same sequence.
+        sampler=optuna.samplers.TPESampler(seed=seed),
+    )
+    if not existed:
+        study.enqueue_trial({space.parameter: space.start(dataset)})
+    return study
+
+
+def _distribution(space: SearchSpace):
+    import optuna
+
+    if space.distribution == "choice":
+        return optuna.distributions.CategoricalDistribution(list(space.values))
+    return optuna.distributions.FloatDistribution(space.low, space.high, log=True)
+
+
+def _tell(study, trial: TrialRecord) -> None:
+    """Give Optuna a finished trial exactly once: its per-epoch objectives as intermediate values, then
+    COMPLETE with the last epoch's objective, PRUNED when ASHA stopped it, FAIL on an error."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if trial.optuna_number is None:
+        return
+    frozen = study.get_trials(deepcopy=False)[trial.optuna_number]
+    if frozen.state.is_finished():
+        return
+    live = optuna.Trial(study, frozen._trial_id)
+    for record in trial.epochs:
+        if record["epoch"] not in frozen.intermediate_values:
+            live.report(record["objective"], record["epoch"])
+    if trial.status == COMPLETED and trial.epochs:
+        study.tell(trial.optuna_number, trial.epochs[-1]["objective"])
+    else:
+        study.tell(trial.optuna_number, state=TrialState.PRUNED if trial.status == STOPPED else TrialState.FAIL)
+
+
+def _reconcile(study, ledger: Ledger) -> None:
+    """Bring Optuna's storage in line with the ledger after a kill: finished trials it was not yet told
+    are told; a suggestion the ledger never recorded (the kill fell between the two writes) is failed
+    and its value queued again, so the sampler's proposal is not lost."""
+    from optuna.trial import TrialState
+
+    known = {t.optuna_number: t for t in ledger.trials if t.optuna_number is not None}
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if frozen.number in known:
+            if known[frozen.number].status in FINISHED:
+                _tell(study, known[frozen.number])
+        else:
+            study.tell(frozen.number, state=TrialState.FAIL)
+            study.enqueue_trial(frozen.params, skip_if_exists=False)
+
+
+def _ray_hooks():
+    """The Searcher, scheduler and callback classes (defined here: they subclass Ray's, which must be
+    imported only after ``cluster.prepare_environment``)."""
+    from ray.tune import Callback
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+    from ray.tune.search import Searcher
+
+    class LedgerSearcher(Searcher):
+        """Relaunches the ledger's interrupted trials first, then asks Optuna for the missing ones.
+
+        Hand-written rather than Ray's OptunaSearch: that one keeps its study in memory and saves it
+        with Tune's own (racy) experiment state; here Optuna's storage is the durable record."""
+
+        def __init__(self, ledger: Ledger, study, space: SearchSpace, num_samples: int, mode: str):
+            super().__init__(metric="objective", mode=mode)
+            self.ledger, self.study, self.space, self.num_samples = ledger, study, space, num_samples
+            self.relaunch = [t.id for t in ledger.unfinished()]
+
+        def set_search_properties(self, metric, mode, config, **spec) -> bool:
+            return True
+
+        def suggest(self, trial_id: str):
+            if self.relaunch:
+                trial = self.ledger.get(self.relaunch.pop(0))
+            elif len(self.ledger.trials) < self.num_samples:
+                if self.space.parameter:
+                    asked = self.study.ask({self.space.parameter: _distribution(self.space)})
+                    trial = self.ledger.add(asked.params, asked.number)
+                else:
+                    trial = self.ledger.add({}, None)
+            else:
+                return Searcher.FINISHED
+            return {**trial.config, TRIAL_KEY: trial.id}
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+            pass  # the callback records the outcome in the ledger, then tells Optuna
+
+        def save_to_dir(self, *args, **kwargs) -> None:
+            pass  # the ledger and Optuna's storage are the state
+
+    class _Key:
+        """A trial as ASHA sees it: keyed by fairtune's stable id, not Tune's per-session one."""
+
+        def __init__(self, trial):
+            self.trial_id = trial.config[TRIAL_KEY]
+
+    class LedgerASHA(ASHAScheduler):
+        """ASHA whose rungs survive a driver kill: Ray keeps them in memory only (docs/ray.md), so they
+        are rebuilt from the ledger's recorded epochs, keyed by fairtune's trial ids. Uses ASHA's
+        private ``_brackets``/``_rungs``; tests/test_search.py pins the rebuilt decisions."""
+
+        def __init__(self, ledger: Ledger, **kwargs):
+            super().__init__(**kwargs)
+            for bracket in self._brackets:
+                for milestone, recorded in bracket._rungs:
+                    for trial in ledger.trials:
+                        value = _at(trial, milestone)
+                        if value is not None:
+                            recorded[trial.id] = self._metric_op * value
+
+        def on_trial_add(self, tune_controller, trial):
+            super().on_trial_add(tune_controller, _Key(trial))
+
+        def on_trial_result(self, tune_controller, trial, result):
+            return super().on_trial_result(tune_controller, _Key(trial), result)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            super().on_trial_complete(tune_controller, _Key(trial), result)
+
+        def on_trial_remove(self, tune_controller, trial):
+            super().on_trial_remove(tune_controller, _Key(trial))
+
+    class LedgerCallback(Callback):
+        """Writes every trial event to the ledger (then Optuna) and prints one compact line per new epoch."""
+
+        def __init__(self, ledger: Ledger, study, say: Printer, total: int, parameter: str | None, num_trials: int):
+            self.ledger, self.study, self.say = ledger, study, say
+            self.total, self.parameter, self.num_trials = total, parameter, num_trials
+
+        def _label(self, trial) -> str:
+            record = self.ledger.get(trial.config[TRIAL_KEY])
+            value = f" {self.parameter}={record.config[self.parameter]:<8.4g}" if self.parameter else ""
+            return f"{record.id}{value}"
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            value = f"{parameter}={trial.config[parameter]:<8.4g} " if parameter else ""
-            say(
-                f"  {trial.trial_id} {value}epoch {result['training_iteration']:>3}/{total}  obj {result['objective']:7.2f}  "
-                f"acc {result['accuracy']:6.2f}  DEO_A {result['deo_a']:6.2f}  DEO_M {result['deo_m']:6.2f}"
-            )
+            trial_id = trial.config[TRIAL_KEY]
+            # Tune adds done=True to the result on which the scheduler decided to stop the trial.
+            stopped = bool(result.get("done")) and result["epoch"] < self.total
+            if self.ledger.record_epoch(trial_id, result, stopped=stopped):
+                self.say(
+                    f"  {self._label(trial)} epoch {result['epoch']:>3}/{self.total}  obj {result['objective']:7.2f}  "
+                    f"acc {result['accuracy']:6.2f}  DEO_A {result['deo_a']:6.2f}  DEO_M {result['deo_m']:6.2f}"
+                )
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials) + 1
-            say(f"  {trial.trial_id} done after {trial.last_result.get('training_iteration', 0)} epochs ({done}/{num_trials} trials)")
+            record = self.ledger.get(trial.config[TRIAL_KEY])
+            if record.epochs_run >= self.total:
+                self.ledger.finish(record.id, COMPLETED)
+            if record.status == RUNNING:
+                return  # ended without a decision (the search was interrupted): resumed later
+            _tell(self.study, record) if self.study is not None else None
+            done = sum(t.status in FINISHED for t in self.ledger.trials)
+            how = "stopped by ASHA" if record.status == STOPPED else "done"
+            self.say(f"  {self._label(trial)} {how} after {record.epochs_run} epochs ({done}/{self.num_trials} trials)")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            say(f"  {trial.trial_id} FAILED: {_failure_reason(log_dir, trial.trial_id, trial.error_file)}")
+            record = self.ledger.get(trial.config[TRIAL_KEY])
+            reason = _failure_reason(Path(self.ledger.path).parent, record.id, trial.error_file)
+            self.ledger.finish(record.id, ERROR, reason)
+            _tell(self.study, record) if self.study is not None else None
+            self.say(f"  {self._label(trial)} FAILED: {reason}")
 
-    return Progress()
+    def _at(trial: TrialRecord, milestone) -> float | None:
+        return trial.value_at(int(milestone)) if float(milestone).is_integer() else None
+
+    return LedgerSearcher, LedgerASHA, LedgerCallback
 
 
-def _failure_reason(log_dir: Path, trial_id: str, error_file: str | Path | None) -> str:
+def _failure_reason(experiment_dir: Path, trial_id: str, error_file: str | Path | None) -> str:
     """The recorded non-finite reason, else the last line of Tune's error file."""
     from fairtune.tune.trainable import failure_marker
 
-    marker = failure_marker(log_dir, trial_id)
+    marker = failure_marker(experiment_dir, trial_id)
     if marker.exists():
         return marker.read_text().strip()
     path = Path(error_file) if error_file else None
@@ -129,55 +287,57 @@ def _failure_reason(log_dir: Path, trial_id: str, error_file: str | Path | None)
     return "unknown error"
 
 
-def _has_state(experiment_dir: Path) -> bool:
-    return any(experiment_dir.glob("experiment_state-*.json"))
+def search_identity(settings: SearchSettings, space: SearchSpace, grace: int) -> dict:
+    """What defines a search's results; a resume must match it (execution flags may change)."""
+    return {
+        "train": asdict(settings.base),
+        "data": asdict(settings.data),
+        "num_samples": settings.num_samples if space.parameter else 1,
+        "grace_period": grace,
+        "reduction_factor": settings.reduction_factor,
+        "space": json.loads(json.dumps(asdict(space))),
+    }
 
 
-# Tune's state, one set per driver session: experiment_state-<session>.json and its searcher's files.
-_STATE_FILE = re.compile(r"(experiment_state|search_gen_state|searcher-state|basic-variant-state)-(.+)\.(json|pkl)")
+def _flag(key: str) -> str:
+    name = key.rsplit(".", 1)[-1]
+    return {"space": "--search-spaces", "grace_period": "--grace-period"}.get(name, "--" + name.replace("_", "-"))
 
 
-def _is_whole(path: Path) -> bool:
-    """A JSON document, or a pickle stream that reaches its STOP opcode (walked, never loaded)."""
-    data = path.read_bytes()
-    try:
-        json.loads(data)
-        return True
-    except ValueError:
-        pass
-    try:
-        for _ in pickletools.genops(data):
-            pass
-    except Exception:  # truncated: "pickle exhausted before seeing STOP", or garbage
-        return False
-    return bool(data)
-
-
-def _drop_torn_state(folder: Path, say: Printer) -> None:
-    """Tune saves its state in a staging folder and copies it here file by file, not atomically (every
-    session's files, at every save): a driver killed mid-copy leaves torn files, on which Tuner.restore
-    crashes. Drop the newest sessions' state while torn, so the restore takes the last whole one
-    (trials since then re-run); when none is whole, say so and touch nothing."""
-    sessions: dict[str, list[Path]] = {}
-    for path in folder.iterdir():
-        match = _STATE_FILE.fullmatch(path.name)
-        if match and path.is_file():
-            sessions.setdefault(match.group(2), []).append(path)
-    newest_first = sorted(sessions, reverse=True)
-    torn = {s: sorted(p.name for p in sessions[s] if not _is_whole(p)) for s in newest_first}
-    whole = [s for s in newest_first if not torn[s]]
-    if not newest_first or not torn[newest_first[0]]:
-        return
-    if not whole:
+def _resumable_ledger(settings: SearchSettings, identity: dict) -> Ledger:
+    """The recorded search, refused (one line) unless resumed with the settings it was started with."""
+    folder = settings.experiment_dir
+    if not settings.resume:
+        raise UserError(f"a search already exists in {folder}; pass --resume to continue it, or delete the folder to start over")
+    ledger = Ledger.load(folder)
+    changed = differences(ledger.settings, identity)
+    if changed:
+        listed = ", ".join(f"{_flag(key)} {old!r} -> {new!r}" for key, old, new in changed[:4])
         raise UserError(
-            f"the saved search state in {folder} is torn ({', '.join(sum(torn.values(), []))}), as by a kill while Ray "
-            "Tune copied it there, and no older whole state is left to resume from; delete the folder to start over"
+            f"--resume: the search in {folder} was run with other settings ({listed}); resume with the flags it was "
+            "started with, or delete the folder to start a new search"
         )
-    for session in newest_first[: newest_first.index(whole[0])]:
-        say(f"the search state saved at {session} is torn ({', '.join(torn[session])}), as by a kill while it was "
-            f"written; resuming from the state saved at {whole[0]}")
-        for path in sessions[session]:
-            path.unlink()
+    return ledger
+
+
+def _open_ledger(settings: SearchSettings, identity: dict, say: Printer) -> Ledger:
+    """The ledger of the search being resumed, or of a new one."""
+    folder = settings.experiment_dir
+    if (folder / LEDGER_FILE).exists():
+        ledger = _resumable_ledger(settings, identity)
+        ledger.begin_session()
+        done = sum(t.status in FINISHED for t in ledger.trials)
+        missing = max(identity["num_samples"] - len(ledger.trials), 0)
+        say(f"resuming the search in {folder}: {done} trial(s) finished, {len(ledger.unfinished())} to continue, {missing} to start")
+        return ledger
+    if folder.exists():
+        # Killed before the ledger was first written: nothing ran that could be kept.
+        say(f"no search record in {folder}; starting the search afresh")
+        shutil.rmtree(folder)
+    elif settings.resume:
+        say(f"no search to resume in {folder}; starting it")
+    folder.mkdir(parents=True)
+    return Ledger.create(folder, identity)
 
 
 def run_search(settings: SearchSettings, say: Printer = print) -> dict:
@@ -185,127 +345,76 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
     method = get_method(settings.base.method)
     space = load_space(method.name, settings.spaces_dir)
     folder = settings.experiment_dir
-    if settings.resume and folder.is_dir():
-        _drop_torn_state(folder, say)
-    if not _has_state(folder):
-        if folder.exists():
-            # Killed before Tune saved any state: nothing can be resumed (Tuner.restore would fail,
-            # or run a single trial), and stale trial folders would mix into a new experiment.
-            say(f"no saved search state in {folder}; starting the search afresh")
-            shutil.rmtree(folder)
-        settings = replace(settings, resume=False)
-    elif not settings.resume:
-        raise UserError(f"a search already exists in {folder}; pass --resume to continue it, or delete the folder to start over")
+    mode = objective_mode(settings.base.objective)
+    epochs = settings.base.total_epochs
+    grace = settings.grace_period or default_grace_period(settings.base.epochs)
+    # T plays no part in FitNet's hint stage: no trial is judged before stage 2 has run an epoch.
+    grace = min(grace + (epochs - settings.base.epochs), epochs)
+    num_samples = settings.num_samples if space.parameter else 1
+    identity = search_identity(settings, space, grace)
+    if (folder / LEDGER_FILE).exists():
+        _resumable_ledger(settings, identity)  # refused before Ray starts
 
     resources = connect(settings.address)
     check_resources(resources, settings.cpus_per_trial, settings.gpus_per_trial)
+    teacher_state = _teacher_state(settings, say) if method.needs_teacher else None
+    ledger = _open_ledger(settings, identity, say)
+    if not space.parameter and not ledger.trials:
+        say(f"{method.name} has no hyperparameter to search: running one trial")
+    study = _open_study(folder, space, mode, settings.data.seed, settings.data.dataset) if space.parameter else None
+    if study is not None:
+        _reconcile(study, ledger)
 
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
+    from fairtune.tune.trainable import TrialSpec, run_trial
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    mode = objective_mode(settings.base.objective)
-    epochs = settings.base.total_epochs
-    teacher_state = _teacher_state(settings, say) if method.needs_teacher else None
-
-    from fairtune.tune.trainable import LOG_FOLDER, TrialSpec, run_trial
-
-    log_dir = folder / LOG_FOLDER
-    log_dir.mkdir(parents=True, exist_ok=True)
+    LedgerSearcher, LedgerASHA, LedgerCallback = _ray_hooks()
     spec = TrialSpec(
-        settings.base, settings.data, str(Path(settings.data_dir).resolve()), str(log_dir), settings.cpus_per_trial, settings.device
+        settings.base, settings.data, str(Path(settings.data_dir).resolve()), str(folder), settings.cpus_per_trial, settings.device
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec, teacher_state=teacher_state),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
-    num_samples = settings.num_samples if space.parameter else 1
-    if not space.parameter:
-        say(f"{method.name} has no hyperparameter to search: running one trial")
-    grace = settings.grace_period or default_grace_period(settings.base.epochs)
-    # T plays no part in FitNet's hint stage: no trial is judged before stage 2 has run an epoch.
-    grace = min(grace + (epochs - settings.base.epochs), epochs)
-    scheduler = ASHAScheduler(
-        metric="objective", mode=mode, time_attr="training_iteration", max_t=epochs,
-        grace_period=grace, reduction_factor=settings.reduction_factor,
-    )
-    searcher = None
-    if space.parameter:
-        start = space.start(settings.data.dataset)
-        searcher = OptunaSearch(
-            metric="objective", mode=mode, points_to_evaluate=[{space.parameter: start}],
-            sampler=optuna.samplers.TPESampler(seed=settings.data.seed),
+    launches = len(ledger.unfinished()) + max(num_samples - len(ledger.trials), 0)
+    if launches:
+        scheduler = LedgerASHA(
+            ledger, metric="objective", mode=mode, time_attr="epoch", max_t=epochs,
+            grace_period=grace, reduction_factor=settings.reduction_factor,
         )
-    run_config = tune.RunConfig(
-        name=method.name,
-        storage_path=str(folder.parent),
-        verbose=0,
-        callbacks=[_progress_callback(say, epochs, space.parameter, log_dir, num_samples)],
-        # Two, not one: the experiment state saved on disk can lag the driver by a step, so after a crash
-        # it may name a trial's previous checkpoint, which keeping one would already have deleted.
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-    )
-    started = time.time()
-    if settings.resume:
-        say(f"resuming the search in {folder}")
-        tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        name = lambda trial: _trial_name(trial, space.parameter)  # noqa: E731
         tuner = tune.Tuner(
             trainable,
-            param_space=tune_space(space),
             tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                max_concurrent_trials=settings.max_concurrent,
+                search_alg=LedgerSearcher(ledger, study, space, num_samples, mode), scheduler=scheduler,
+                num_samples=launches, max_concurrent_trials=settings.max_concurrent,
+                trial_name_creator=name, trial_dirname_creator=name,
             ),
-            run_config=run_config,
+            run_config=tune.RunConfig(
+                name=TUNE_FOLDER, storage_path=str(folder), verbose=0,
+                callbacks=[LedgerCallback(ledger, study, say, epochs, space.parameter, num_samples)],
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            ),
         )
-    grid = tuner.fit()
-    trials = trials_table(grid, space.parameter, epochs, settings.base.objective, log_dir)
+        tuner.fit()
+    ledger.save()
+    if not ledger.complete(num_samples):
+        raise SearchInterrupted(
+            f"the search stopped with {len(ledger.unfinished())} trial(s) unfinished; its state is kept in {folder}: "
+            "rerun the same command with --resume to continue"
+        )
+    trials = trials_table(ledger, space.parameter, settings.base.objective)
     io.write_text(folder / "trials.csv", trials.to_csv(index=False))
-    best = best_record(trials, settings, space, epochs, time.time() - started)
+    best = best_record(trials, settings, space, epochs, ledger.seconds)
     io.write_json(folder / "best.json", best)
     return best
 
 
-def trial_id_of(trial_dir: Path) -> str:
-    """Tune names trial folders `<trainable>_<id>_<n>_<params>_<time>`; run_trial has one underscore."""
-    return trial_dir.name.split("_")[2]
-
-
-def trials_table(grid, parameter: str | None, epochs: int, objective: str, log_dir: Path) -> pd.DataFrame:
-    """One row per trial: its hyperparameter, final and best metrics, epochs run, status, failure reason."""
-    mode = objective_mode(objective)
-    rows = []
-    for result in grid:
-        frame = result.metrics_dataframe
-        trial_dir = Path(result.path)
-        trial_id = (result.metrics or {}).get("trial_id") or trial_id_of(trial_dir)
-        row = {
-            "trial_id": trial_id,
-            parameter or "parameter": result.config.get(parameter) if parameter else None,
-            "epochs_run": 0,
-            "status": "ERROR" if result.error else "COMPLETED",
-            "error": _failure_reason(log_dir, trial_id, trial_dir / "error.txt") if result.error else "",
-        }
-        if frame is not None and len(frame):
-            frame = frame.drop_duplicates("training_iteration", keep="last").sort_values("training_iteration")
-            last = frame.iloc[-1]
-            best = frame.loc[frame["objective"].idxmax() if mode == "max" else frame["objective"].idxmin()]
-            row["epochs_run"] = int(last["training_iteration"])
-            if not result.error and row["epochs_run"] < epochs:
-                row["status"] = "STOPPED"  # by ASHA
-            for key in ("accuracy", "deo_a", "deo_m", "objective"):
-                row[f"final_{key}"] = float(last[key])
-                row[f"best_{key}"] = float(best[key])
-            row["best_epoch"] = int(best["training_iteration"])
-            row["final_acc_matrix"] = last.get("acc_matrix", "")
-        rows.append(row)
-    return pd.DataFrame(rows).sort_values("trial_id", kind="stable").reset_index(drop=True)
+def _trial_name(trial, parameter: str | None) -> str:
+    """Readable trial folders and names: fairtune's id, the value, Tune's id (unique per session)."""
+    value = f"_{parameter}={trial.config[parameter]:.4g}" if parameter else ""
+    return f"{trial.config[TRIAL_KEY]}{value}_{trial.trial_id}"
 
 
 def best_record(trials: pd.DataFrame, settings: SearchSettings, space: SearchSpace, epochs: int, seconds: float) -> dict:

@@ -1,16 +1,22 @@
-"""The Ray Tune function trainable: the engine's loop, reporting and checkpointing every epoch.
+"""The Ray Tune function trainable: the engine's loop, reporting every epoch and keeping its own state.
 
-A trial restores from ``tune.get_checkpoint()`` (a retry after a crash, or a resumed experiment),
-so it continues from its last finished epoch with the exact optimiser, scheduler, adversary and RNG
-state. A non-finite loss is a deterministic failure: the trial records the reason in its folder and
-raises, and any retry raises again at once instead of re-running the epoch.
+Each trial saves its full training state (optimiser, scheduler, adversaries, RNG) after every epoch to
+its own folder in the experiment, ``trials/<id>/state-<epoch>.pt``, before reporting the epoch. A
+trial started again — a retry after a crash, or a search resumed by a new driver from fairtune's ledger
+— loads the newest state there, re-reports the epochs it holds (the ledger may have missed the newest
+one when the driver died) and continues exactly as if never stopped. Tune's own checkpoints are not
+used: they live in Tune's experiment state, which lags a killed driver (docs/ray.md).
+
+State files are named by epoch, so a worker of a killed driver that finishes an epoch late can never
+replace a newer state with an older one. A non-finite loss is a deterministic failure: the trial
+records the reason in its folder and raises, and any retry raises again at once.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,22 +27,32 @@ from fairtune import io
 from fairtune.data import DataOptions, load_dataset
 from fairtune.engine import NonFiniteLoss, Trainer, TrainConfig
 from fairtune.teachers import teacher_model
+from fairtune.tune.ledger import TRIAL_KEY
 from fairtune.tune.tasks import task_device
 
-STATE_FILE = "state.pt"
-# Side files live in the experiment's `trial_logs/` folder, written straight to storage: Tune's own
-# trial folder is a per-session working copy synced up on checkpoints, so a resumed session would
-# overwrite what the killed one wrote there.
-LOG_FOLDER = "trial_logs"
+TRIALS_FOLDER = "trials"
+_STATE = re.compile(r"state-(\d+)\.pt")
+KEEP_STATES = 2
 
 
-def epoch_log(log_dir: str | Path, trial_id: str) -> Path:
+def trial_folder(experiment_dir: str | Path, trial_id: str) -> Path:
+    return Path(experiment_dir) / TRIALS_FOLDER / trial_id
+
+
+def epoch_log(experiment_dir: str | Path, trial_id: str) -> Path:
     """One JSON line per epoch actually run, recomputed ones included: proof of what ran."""
-    return Path(log_dir) / f"{trial_id}.epochs.jsonl"
+    return trial_folder(experiment_dir, trial_id) / "epochs.jsonl"
 
 
-def failure_marker(log_dir: str | Path, trial_id: str) -> Path:
-    return Path(log_dir) / f"{trial_id}.nonfinite.txt"
+def failure_marker(experiment_dir: str | Path, trial_id: str) -> Path:
+    return trial_folder(experiment_dir, trial_id) / "nonfinite.txt"
+
+
+def state_files(experiment_dir: str | Path, trial_id: str) -> list[Path]:
+    """The trial's saved states, oldest epoch first."""
+    folder = trial_folder(experiment_dir, trial_id)
+    found = [(int(m.group(1)), p) for p in folder.glob("state-*.pt") if (m := _STATE.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 @dataclass(frozen=True)
@@ -46,7 +62,7 @@ class TrialSpec:
     base: TrainConfig  # the fixed hyperparameters are already filled in
     data: DataOptions
     data_dir: str
-    log_dir: str  # the experiment's LOG_FOLDER
+    experiment_dir: str
     cpus: int
     device: str = "auto"
 
@@ -64,29 +80,48 @@ def flat_metrics(metrics: dict, group_names: tuple[str, ...]) -> dict:
     return flat
 
 
+def _save_state(spec: TrialSpec, trial_id: str, trainer: Trainer) -> None:
+    folder = trial_folder(spec.experiment_dir, trial_id)
+    io.save_torch(folder / f"state-{trainer.epoch:04d}.pt", trainer.state_dict())
+    for old in state_files(spec.experiment_dir, trial_id)[:-KEEP_STATES]:
+        old.unlink(missing_ok=True)
+
+
+def _load_newest_state(spec: TrialSpec, trial_id: str, trainer: Trainer) -> None:
+    for path in reversed(state_files(spec.experiment_dir, trial_id)):
+        try:
+            state = io.load_torch(path)
+        except (OSError, RuntimeError, EOFError):
+            continue  # removed by a rotation meanwhile
+        trainer.load_state_dict(state)
+        return
+
+
 def run_trial(config: dict, spec: TrialSpec, teacher_state: dict | None = None) -> None:
     torch.set_num_threads(max(1, spec.cpus))
-    trial_id = tune.get_context().get_trial_id()
-    failure = failure_marker(spec.log_dir, trial_id)
+    config = dict(config)
+    trial_id = config.pop(TRIAL_KEY)
+    failure = failure_marker(spec.experiment_dir, trial_id)
     if failure.exists():
         raise NonFiniteLoss(failure.read_text().strip())
 
     data = load_dataset(spec.data, spec.data_dir)
     teacher = teacher_model(teacher_state, data.info) if teacher_state is not None else None
     trainer = Trainer(replace(spec.base, **config), data, teacher, task_device(spec.device))
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load_state_dict(io.load_torch(Path(folder) / STATE_FILE))
+    _load_newest_state(spec, trial_id, trainer)
+    for metrics in trainer.history:  # idempotent in the ledger; ASHA skips rungs it has recorded
+        tune.report(flat_metrics(metrics, data.info.group_names))
 
     while trainer.epoch < trainer.total_epochs:
         try:
             metrics = trainer.run_epoch()
         except NonFiniteLoss as exc:
+            failure.parent.mkdir(parents=True, exist_ok=True)
             failure.write_text(str(exc) + "\n")
             raise
-        with open(epoch_log(spec.log_dir, trial_id), "a") as log:
-            log.write(json.dumps({"epoch": metrics["epoch"], "pid": os.getpid()}) + "\n")
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(trainer.state_dict(), Path(folder) / STATE_FILE)
-            tune.report(flat_metrics(metrics, data.info.group_names), checkpoint=tune.Checkpoint.from_directory(folder))
+        log = epoch_log(spec.experiment_dir, trial_id)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as handle:
+            handle.write(json.dumps({"epoch": metrics["epoch"], "pid": os.getpid()}) + "\n")
+        _save_state(spec, trial_id, trainer)
+        tune.report(flat_metrics(metrics, data.info.group_names))
