@@ -191,7 +191,8 @@ def test_resume_after_the_driver_is_killed(ray_session, data_dir, tmp_path, caps
     assert json.loads((folder / "best.json").read_text())["budget"]["seconds"] >= spent
 
 
-def test_resume_with_other_settings_is_refused(ray_session, data_dir, results, capsys):
+def test_resume_with_other_settings_is_refused(ray_session, data_dir, tmp_path, capsys):
+    results = tmp_path / "results"
     code, _, err = search(capsys, data_dir, results, "--method", "scratch", "--epochs", "1", "--num-samples", "2")
     assert code == 0, err
     folder = experiment(results, "scratch")
