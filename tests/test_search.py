@@ -216,7 +216,7 @@ def test_resume_before_any_record_starts_afresh(ray_session, data_dir, results, 
     assert len(read_trials(folder / "trials.csv")) == 2
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}", "nonsense"])
+@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}", "nonsense", "auto"])
 def test_unreachable_address_is_a_one_line_error(data_dir, results, capsys, address):
     import socket
 
@@ -224,6 +224,16 @@ def test_unreachable_address_is_a_one_line_error(data_dir, results, capsys, addr
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     started = time.time()
-    code, _, err = search(capsys, data_dir, results, "--method", "scratch", "--address", address.format(port=port))
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "--address" in err
+    if address == "auto":
+        # auto finds a stale cluster address (here through RAY_ADDRESS): refused at once, in a fresh
+        # process (this one's Ray is already initialised).
+        argv = ["search", "--dataset", "fmnist-s", "--data-dir", str(data_dir), "--results-dir", str(results),
+                "--method", "scratch", "--address", "auto"]
+        env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+        proc = subprocess.run([sys.executable, "-m", "fairtune", *argv], cwd=REPO, env=env, capture_output=True, text=True)
+        code, err = proc.returncode, proc.stderr
+        assert f"--address auto (127.0.0.1:{port}, from RAY_ADDRESS)" in err, err
+    else:
+        code, _, err = search(capsys, data_dir, results, "--method", "scratch", "--address", address.format(port=port))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--address" in err, err
     assert time.time() - started < 30

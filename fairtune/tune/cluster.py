@@ -33,18 +33,36 @@ def prepare_environment(address: str | None) -> None:
         os.environ.update(LOCAL_ONLY_ENV)
 
 
-def check_reachable(address: str, timeout: float = 5.0) -> None:
+def resolve_auto() -> tuple[str, str]:
+    """What ``--address auto`` means, found the way ``ray.init`` finds it (RAY_ADDRESS, else the newest
+    cluster recorded under Ray's temp folder, else any running GCS), and where it was found. Resolved
+    here so that a stale record is refused at once instead of retried for minutes by ``ray.init``."""
+    from ray._private.services import get_ray_address_from_environment
+
+    source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "the Ray running on this machine"
+    try:
+        found = get_ray_address_from_environment("auto", None)
+    except (ConnectionError, RuntimeError, ValueError):
+        found = None
+    if not found or found == "auto":
+        raise UserError(
+            "--address auto found no running Ray cluster on this machine; start one with `ray start --head` "
+            "(and `ray start --address=HEAD:6379` on the other nodes), or pass --address host:port"
+        )
+    return found, source
+
+
+def check_reachable(address: str, timeout: float = 5.0, found_in: str | None = None) -> None:
     """Fail fast on a dead ``host:port``: ``ray.init`` would retry for minutes, logging as it goes."""
-    if address == "auto":
-        return  # Ray itself reports at once when no local cluster is running
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise UserError(f"--address {address} is not auto, host:port or ray://host:port")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
+        named = f"--address auto ({address}, from {found_in})" if found_in else f"--address {address}"
         raise UserError(
-            f"cannot reach the Ray cluster at --address {address} ({exc.strerror or type(exc).__name__}); "
+            f"cannot reach the Ray cluster at {named} ({exc.strerror or type(exc).__name__}); "
             "check that `ray start --head` runs there and the port is right, or omit --address for a local Ray"
         ) from None
 
@@ -55,9 +73,13 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: float | 
     An already initialised Ray (a test session's shared instance) is reused as it is.
     """
     prepare_environment(address)
-    if address is not None:
-        check_reachable(address)
     import ray
+
+    if address == "auto" and not ray.is_initialized():
+        address, found_in = resolve_auto()
+        check_reachable(address, found_in=found_in)
+    elif address is not None:
+        check_reachable(address)
 
     if not ray.is_initialized():
         try:
