@@ -25,6 +25,7 @@ from fairtune.methods import all_method_names
 from fairtune.models import build_model
 from fairtune.spaces import KEYS, SPACES_DIR, SearchSpace, load_space, parse_space
 from fairtune.teachers import save_teacher, teacher_identity, teacher_paths
+from fairtune.tune.ledger import Ledger
 from tests.fixtures.cifar import write_cifar10
 from tests.fixtures.faces import write_celeba, write_utkface
 from tests.helpers import assert_one_line_error, snapshot
@@ -72,8 +73,7 @@ def world(tmp_path_factory, fmnist_dir) -> dict[str, Path]:
     nan_state["head.weight"][0, 0] = float("nan")
     write_teacher(results, 4, state=nan_state)  # corrupted: NaN weights
     existing = results / "fmnist-s" / "search" / "at"
-    existing.mkdir(parents=True)
-    (existing / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    Ledger.create(existing, {"num_samples": 1})  # a search's record, as the driver writes it first
     (existing / "best.json").write_text('{"hyperparameters": {"lam": 1.0}}')
     (root / "cwd").mkdir()
     return {"root": root, "fmnist": fmnist_dir, "cifar": root / "cifar_truncated", "utk": root / "utk_corrupt",
