@@ -65,6 +65,23 @@ class TrainConfig:
         return {k: v for k, v in (("T", self.T), ("lam", self.lam), ("distill_lam", self.distill_lam)) if v is not None}
 
 
+# TrainConfig fields that change what a method trains (besides the method and its hyperparameters):
+# runs that differ in one of them follow different protocols, so they must not share a table row,
+# a table, or a teacher. eval_batch_size and compile change only how fast; objective only what a
+# search selects.
+PROTOCOL_FIELDS = ("epochs", "batch_size", "lr", "adv_lr", "plateau_factor", "plateau_patience")
+
+
+def training_protocol(config: dict) -> dict:
+    """The protocol settings of a stored config (``asdict(TrainConfig)``) that its method uses.
+
+    ``adv_lr`` counts only for methods with adversaries (a teacher never read it); a field a record
+    predates is absent rather than assumed.
+    """
+    adversary = get_method(config["method"]).adversary if "method" in config else True
+    return {k: config[k] for k in PROTOCOL_FIELDS if k in config and (k != "adv_lr" or adversary)}
+
+
 @dataclass
 class EpochPlan:
     """Where epoch ``index`` (0-based, over the whole run) sits in the method's schedule."""
