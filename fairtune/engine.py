@@ -27,6 +27,7 @@ from fairtune.data.sampler import balanced_plan, random_plan
 from fairtune.methods import TERMS, Batch, Method, get_method
 from fairtune.metrics import cell_tallies, fairness_report, objective_value
 from fairtune.models import ModelOutput, build_model
+from fairtune.schedule import STAGE2_EPOCH, stage2_epoch
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,7 @@ class Trainer:
         self.epoch += 1
         metrics = {
             "epoch": self.epoch,
+            STAGE2_EPOCH: stage2_epoch(self.epoch, self.hint_epochs),  # ASHA's clock (fairtune.schedule)
             "stage": plan.stage,
             "kd_weight": plan.kd_weight,
             "lr": self.optimizer.param_groups[0]["lr"],

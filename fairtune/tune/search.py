@@ -25,6 +25,7 @@ from fairtune.engine import TrainConfig
 from fairtune.errors import UserError
 from fairtune.methods import get_method
 from fairtune.metrics import objective_mode
+from fairtune.schedule import asha_plan, default_grace_period  # noqa: F401 (default_grace_period: re-exported)
 from fairtune.spaces import SPACES_DIR, SearchSpace, load_space
 from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
 from fairtune.tune.cluster import check_resources, connect
@@ -54,11 +55,6 @@ class SearchSettings:
     @property
     def experiment_dir(self) -> Path:
         return (Path(self.results_dir) / self.data.dataset / "search" / self.base.method).resolve()
-
-
-def default_grace_period(epochs: int) -> int:
-    """ASHA's first rung: a tenth of the run (at least one epoch)."""
-    return max(1, epochs // 10)
 
 
 def tune_space(space: SearchSpace) -> dict:
@@ -225,12 +221,12 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
     num_samples = settings.num_samples if space.parameter else 1
     if not space.parameter:
         say(f"{method.name} has no hyperparameter to search: running one trial")
-    grace = settings.grace_period or default_grace_period(settings.base.epochs)
-    # T plays no part in FitNet's hint stage: no trial is judged before stage 2 has run an epoch.
-    grace = min(grace + (epochs - settings.base.epochs), epochs)
+    # ASHA counts stage-2 epochs: FitNet's hint stage is never judged, and FitNet gets as many rungs
+    # over its stage 2 as other methods over their run (see fairtune.schedule for why).
+    rungs = asha_plan(settings.base.epochs, settings.base.hint_epochs, settings.grace_period, settings.reduction_factor)
     scheduler = ASHAScheduler(
-        metric="objective", mode=mode, time_attr="training_iteration", max_t=epochs,
-        grace_period=grace, reduction_factor=settings.reduction_factor,
+        metric="objective", mode=mode, time_attr=rungs.time_attr, max_t=rungs.max_t,
+        grace_period=rungs.grace_period, reduction_factor=rungs.reduction_factor,
     )
     searcher = None
     if space.parameter:
