@@ -177,7 +177,7 @@ def source_subsample(split: Split, size: int | None, num_classes: int, seed: int
     (about 2.5 shared of 50 at ``--eval-size 1000``) and add several points of sampling noise to every
     gap. Here ``size // k`` sources are kept (k renderings per source; an odd size rounds down), spread
     over classes in proportion, and the split's order (all gray, then all colour) is kept.
-    Splits without ``sources`` fall back to :func:`stratified_subsample`'s per-cell draw.
+    :func:`eval_subsample` sends splits without ``sources`` to :func:`stratified_subsample` instead.
     """
     if split.sources is None:
         raise ValueError("source_subsample needs a split with sources")
