@@ -109,7 +109,7 @@ def build_parser() -> Parser:
     search.add_argument("--distill-lam", type=float, default=None, help="fixed distillation λ for ad+at / ad+nst")
     search.add_argument("--adv-lr", type=_positive_float, default=3e-3)
     search.add_argument("--num-samples", type=_positive_int, default=16, help="trials (default 16)")
-    search.add_argument("--grace-period", type=_positive_int, default=None, help="ASHA's first rung in epochs (default E/10)")
+    search.add_argument("--grace-period", type=_positive_int, default=None, help="ASHA's first rung in epochs of the main stage (default E/10; FitNet: after its hint stage)")
     search.add_argument("--reduction-factor", type=_reduction, default=3, help="ASHA's reduction factor (default 3)")
     search.add_argument("--max-concurrent", type=_positive_int, default=None, help="trials running at once (default: as resources allow)")
     _add_cluster(search)

@@ -27,6 +27,7 @@ from fairtune.data.sampler import balanced_plan, random_plan
 from fairtune.methods import TERMS, Batch, Method, get_method
 from fairtune.metrics import cell_tallies, fairness_report, objective_value
 from fairtune.models import ModelOutput, build_model
+from fairtune.schedule import STAGE2_EPOCH, stage2_epoch
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,23 @@ class TrainConfig:
 
     def hyperparameters(self) -> dict[str, float]:
         return {k: v for k, v in (("T", self.T), ("lam", self.lam), ("distill_lam", self.distill_lam)) if v is not None}
+
+
+# TrainConfig fields that change what a method trains (besides the method and its hyperparameters):
+# runs that differ in one of them follow different protocols, so they must not share a table row,
+# a table, or a teacher. eval_batch_size and compile change only how fast; objective only what a
+# search selects.
+PROTOCOL_FIELDS = ("epochs", "batch_size", "lr", "adv_lr", "plateau_factor", "plateau_patience")
+
+
+def training_protocol(config: dict) -> dict:
+    """The protocol settings of a stored config (``asdict(TrainConfig)``) that its method uses.
+
+    ``adv_lr`` counts only for methods with adversaries (a teacher never read it); a field a record
+    predates is absent rather than assumed.
+    """
+    adversary = get_method(config["method"]).adversary if "method" in config else True
+    return {k: config[k] for k in PROTOCOL_FIELDS if k in config and (k != "adv_lr" or adversary)}
 
 
 @dataclass
@@ -175,6 +193,7 @@ class Trainer:
         self.epoch += 1
         metrics = {
             "epoch": self.epoch,
+            STAGE2_EPOCH: stage2_epoch(self.epoch, self.hint_epochs),  # ASHA's clock (fairtune.schedule)
             "stage": plan.stage,
             "kd_weight": plan.kd_weight,
             "lr": self.optimizer.param_groups[0]["lr"],

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fairtune import io
+from fairtune.engine import training_protocol
 from fairtune.errors import UserError
 from fairtune.methods import get_method, in_paper_order
 
@@ -44,19 +45,42 @@ def report_files(results_dir: Path, dataset: str) -> ReportFiles:
 
 
 def load_final_runs(results_dir: Path, dataset: str) -> pd.DataFrame:
-    """One row per (method, seed) from ``final/<method>/seed<k>.json``."""
+    """One row per (method, seed) from ``final/<method>/seed<k>.json``, with the run's protocol:
+    the training settings that change what it learns and its data settings but the seed (JSON)."""
     rows = []
     for path in sorted((Path(results_dir) / dataset / "final").glob("*/seed*.json")):
         record = json.loads(path.read_text())
+        data = {k: v for k, v in (record.get("data") or {}).items() if k != "seed"}
         rows.append(
             {
                 "method": path.parent.name,
                 "seed": int(record["seed"]),
                 "hyperparameters": json.dumps(record.get("hyperparameters", {}), sort_keys=True),
+                "protocol": json.dumps({**training_protocol(record.get("config") or {}), **data}, sort_keys=True),
                 **{m: float(record["test"][m]) for m in METRICS},
             }
         )
-    return pd.DataFrame(rows, columns=["method", "seed", "hyperparameters", *METRICS])
+    return pd.DataFrame(rows, columns=["method", "seed", "hyperparameters", "protocol", *METRICS])
+
+
+def check_one_protocol(runs: pd.DataFrame, dataset: str) -> None:
+    """Refuse a table that would average or compare runs of different protocols (epochs, lr, data
+    sizes, skew, ...): every setting must agree across all seed files that record it. Settings a file
+    predates are not held against it."""
+    seen: dict[str, dict[str, dict[str, list[int]]]] = {}  # setting -> value -> method -> seeds
+    for run in runs.itertuples():
+        for key, value in json.loads(run.protocol or "{}").items():
+            seen.setdefault(key, {}).setdefault(json.dumps(value), {}).setdefault(run.method, []).append(run.seed)
+    for key, values in seen.items():
+        if len(values) > 1:
+            shown = "; ".join(
+                f"{key} {value} in " + ", ".join(f"{m} seed{'s' * (len(s) > 1)} {' '.join(map(str, sorted(s)))}" for m, s in who.items())
+                for value, who in values.items()
+            )
+            raise UserError(
+                f"the final runs of {dataset} mix protocols ({shown}); rerun the odd ones alike with "
+                f"`fairtune final --dataset {dataset} --method M --force`, then report again"
+            )
 
 
 def paper_results(dataset: str) -> pd.DataFrame:
@@ -79,6 +103,7 @@ def summarize(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
     """One row per method in paper order: mean and std per metric, seeds, hyperparameters, paper values."""
     if runs.empty:
         raise UserError(f"no final results for {dataset}; run `fairtune final --dataset {dataset}` first")
+    check_one_protocol(runs, dataset)
     grouped = runs.groupby("method")
     table = pd.DataFrame(index=pd.Index(in_paper_order(runs["method"]), name="method"))
     table["label"] = [get_method(m).label for m in table.index]

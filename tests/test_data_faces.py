@@ -68,8 +68,9 @@ def utk_fields(name: str) -> tuple[int, ...] | None:
     return tuple(int(f) for f in fields)
 
 
-def expected_utk_split(folder: Path, per_cell: int) -> dict[str, list[str]]:
-    """SPEC §4 literally: natural sort, drop malformed and race 4, random.seed(1) shuffle, reverse scan."""
+def expected_utk_split(folder: Path, per_cell: int, hold_out_val: bool = True) -> dict[str, list[str]]:
+    """SPEC §4 literally: natural sort, drop malformed and race 4, random.seed(1) shuffle, reverse scan.
+    Without ``hold_out_val`` (``--select-on test``) val is test and train everything else."""
     valid = [p.name for p in folder.iterdir() if (f := utk_fields(p.name)) is not None and f[2] != 4]
     # The names differ only in their four integer fields, so natural order is their numeric order.
     valid.sort(key=utk_fields)
@@ -87,7 +88,10 @@ def expected_utk_split(folder: Path, per_cell: int) -> dict[str, list[str]]:
     for c in {cell(n) for n in valid}:
         members = [n for n in backwards if cell(n) == c]
         test.update(members[:per_cell])
-        val.update(members[per_cell : 2 * per_cell])
+        if hold_out_val:
+            val.update(members[per_cell : 2 * per_cell])
+    if not hold_out_val:
+        val = test
     return {
         "test": [n for n in backwards if n in test],
         "val": [n for n in backwards if n in val],
@@ -132,6 +136,19 @@ def test_utkface_split_is_the_official_one(utk_root: Path, utk_splits) -> None:
         fields = [utk_fields(n) for n in names]
         assert split.groups.tolist() == [f[2] for f in fields]
         assert split.labels.tolist() == [(f[0] >= 20) + (f[0] >= 40) for f in fields]
+
+
+def test_utkface_select_on_test_trains_on_everything_but_test(utk_root: Path) -> None:
+    """The official procedure (SPEC §4): test is the same reverse scan, training keeps every other
+    image (the second ``per_cell`` of each cell included, in shuffled order) and val is test."""
+    splits = utkface.load(utk_root, DataOptions(dataset="utkface", select_on="test"), per_cell=K)
+    expected = expected_utk_split(utk_root / "UTKFace", K, hold_out_val=False)
+    for name in ("train", "val", "test"):
+        assert cached_names(utk_cache(utk_root), getattr(splits, name)) == expected[name], name
+    assert expected["val"] == expected["test"]
+    for (race, age_bin), n in UTK_CELLS.items():
+        assert int(splits.train.cell_counts(3, 4)[race, age_bin]) == max(n - K, 0)
+    assert cached_names(utk_cache(utk_root), splits.selection) == expected["test"]
 
 
 def test_utkface_splits_are_disjoint_and_cover_every_valid_name(utk_root: Path, utk_splits) -> None:

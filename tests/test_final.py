@@ -211,3 +211,35 @@ def test_final_reruns_best_configs_per_seed_then_skips_and_forces(ray_session, d
     assert changed == {final_path(tmp_path, "fmnist-s", "ss", 1)}
     rerun = json.loads(final_path(tmp_path, "fmnist-s", "ss", 1).read_text())
     assert rerun["test"] == records["ss", 1]["test"]  # same seed, same data, CPU: identical
+
+
+def store_teacher(results: Path, seed: int, **config) -> None:
+    """A stored teacher as `fairtune teacher` leaves it (only what final's planning reads)."""
+    from fairtune.engine import TrainConfig
+    from fairtune.teachers import teacher_paths
+
+    files = teacher_paths(results, "fmnist-s", seed)
+    io.write_bytes(files.weights, b"weights")
+    io.write_json(files.metrics, {"config": TrainConfig(method="scratch", batch_size=40, **config).__dict__, "test": {}})
+
+
+def test_plan_refuses_a_stored_teacher_of_another_protocol(tmp_path, capsys):
+    fake_best(tmp_path, "hkd", {"T": 4.0}, epochs=3)
+    store_teacher(tmp_path, 0, epochs=3)
+    store_teacher(tmp_path, 1, epochs=50, lr=0.01)  # e.g. from `fairtune teacher` with its defaults
+    with pytest.raises(UserError, match=r"seed1.pt was trained with epochs 50 \(this final: 3\), lr 0.01 \(this final: 0.001\); "
+                                        r"pass --force to retrain.*or pass --epochs 50 --lr 0.01"):
+        plan_final(settings_for(tmp_path))
+    with pytest.raises(UserError, match="--force and name scratch in --method"):
+        plan_final(settings_for(tmp_path, methods=("hkd",)))
+    # only seed 0 asked for: its teacher matches
+    assert plan_final(FinalSettings(dataset="fmnist-s", results_dir=tmp_path, data_dir=tmp_path, seeds=(0,))).teacher_seeds == (0,)
+    assert plan_final(settings_for(tmp_path, force=True)).teacher_seeds == (0, 1)  # --force retrains the teachers
+    # settings that do not change what a teacher learns are not held against it
+    store_teacher(tmp_path, 1, epochs=3, objective="acc", eval_batch_size=7, adv_lr=0.5)
+    assert plan_final(settings_for(tmp_path)).teacher_seeds == (0, 1)
+    store_teacher(tmp_path, 1, epochs=50)
+    argv = ["final", "--dataset", "fmnist-s", "--results-dir", str(tmp_path), "--data-dir", str(tmp_path)]
+    assert main([*argv, "--seeds", "0", "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("fairtune: error: teacher ") and "--force" in err

@@ -185,3 +185,36 @@ def test_latex_compiles_inside_a_table(results, tmp_path):
     done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:]
     assert (tmp_path / "doc.pdf").stat().st_size > 1000
+
+
+def with_protocol(results: Path, method: str, seed: int, epochs: int = 50, train_size: int | None = None, **config) -> None:
+    """Give a seed file the config and data settings `final` records."""
+    path = results / "cifar10s" / "final" / method / f"seed{seed}.json"
+    record = json.loads(path.read_text())
+    record["config"] = {"method": method, "epochs": epochs, "batch_size": 128, "lr": 0.001, "adv_lr": 0.003,
+                        "plateau_factor": 0.1, "plateau_patience": 10, "objective": "acc-deo_a", "eval_batch_size": 500} | config
+    record["data"] = {"dataset": "cifar10s", "seed": seed, "skew": None, "train_size": train_size, "eval_size": None,
+                      "target": None, "select_on": "val"}
+    io.write_json(path, record)
+
+
+def test_seed_files_of_different_protocols_are_refused(results, capsys):
+    done = [(m, s) for m in METHODS for s in range(3 if m != "mmd" else 1)]
+    for method, seed in done:
+        with_protocol(results, method, seed)
+    write_report(results, "cifar10s")  # one protocol: fine
+    with_protocol(results, "mfd", 1, epochs=4)
+    with pytest.raises(UserError, match=r"mix protocols \(epochs 50 in .*mfd seeds 0 2.*; epochs 4 in mfd seed 1\).*--method M --force"):
+        summarize(load_final_runs(results, "cifar10s"), "cifar10s")
+    with_protocol(results, "mfd", 1)
+    with_protocol(results, "hkd", 2, train_size=3000)  # another method's data settings count too
+    assert main(["report", "--dataset", "cifar10s", "--results-dir", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "train_size" in err and "hkd seed 2" in err and "--force" in err
+    with_protocol(results, "hkd", 2)
+    # what does not change what a run learns is not held against it: the teacher never reads adv_lr
+    with_protocol(results, "scratch", 0, adv_lr=0.5, eval_batch_size=64, objective="acc")
+    write_report(results, "cifar10s")
+    with_protocol(results, "ad+hkd", 0, adv_lr=0.5)
+    with pytest.raises(UserError, match="adv_lr"):
+        summarize(load_final_runs(results, "cifar10s"), "cifar10s")

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 from fairtune.data import celeba, cifar10s, fmnist, utkface
-from fairtune.data.base import DataOptions, DatasetInfo, DatasetSplits, Split, stratified_subsample
+from fairtune.data.base import DataOptions, DatasetInfo, DatasetSplits, Split, eval_subsample, stratified_subsample
 from fairtune.errors import UserError
 
 DATASETS: dict[str, ModuleType] = {
@@ -52,8 +52,9 @@ def load_dataset(options: DataOptions, data_dir: Path | str | None = None) -> Da
         if size is not None and size < c * g:
             raise UserError(f"--{name} {size} is below the {c * g} (class, group) cells of {info.name}; use at least {c * g}")
     splits.train = stratified_subsample(splits.train, options.train_size, c, g, seed=options.seed)
-    splits.val = stratified_subsample(splits.val, options.eval_size, c, g, seed=EVAL_SUBSAMPLE_SEED)
-    splits.test = stratified_subsample(splits.test, options.eval_size, c, g, seed=EVAL_SUBSAMPLE_SEED)
+    # Train per (class, group) cell; val and test by source image where gray and colour are paired.
+    splits.val = eval_subsample(splits.val, options.eval_size, c, g, seed=EVAL_SUBSAMPLE_SEED)
+    splits.test = eval_subsample(splits.test, options.eval_size, c, g, seed=EVAL_SUBSAMPLE_SEED)
     return splits
 
 

@@ -61,11 +61,17 @@ class Split:
     images: "torch.Tensor | np.ndarray | ImageView"  # uint8 (N, 3, H, W)
     labels: torch.Tensor  # int64 (N,)
     groups: torch.Tensor  # int64 (N,)
+    # int64 (N,) source image of each sample, on splits that show one image in several groups (the
+    # gray and colour renderings of cifar10s / fmnist-s val and test); None where every sample is its
+    # own image. Subsampling keeps such renderings together (``source_subsample``).
+    sources: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
         if len(self.labels) != n or len(self.groups) != n:
             raise ValueError(f"split arrays disagree: {n} images, {len(self.labels)} labels, {len(self.groups)} groups")
+        if self.sources is not None and len(self.sources) != n:
+            raise ValueError(f"split arrays disagree: {n} images, {len(self.sources)} sources")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -76,7 +82,8 @@ class Split:
             images = self.images[index]
         else:  # a memmap stays on disk: keep a lazy view instead of copying the rows
             images = ImageView(self.images, index.numpy())
-        return Split(images, self.labels[index], self.groups[index])
+        sources = None if self.sources is None else self.sources[index]
+        return Split(images, self.labels[index], self.groups[index], sources)
 
     def cell_counts(self, num_classes: int, num_groups: int) -> torch.Tensor:
         """(G, C) number of samples per (group, class) cell."""
@@ -118,6 +125,34 @@ class DatasetSplits:
         return self.test if self.options.select_on == "test" else self.val
 
 
+def _largest_remainder(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """How many of each stratum to keep so that ``size`` are kept in proportion to ``counts``.
+
+    Largest remainder; a non-empty stratum keeps at least one when ``size`` allows it, so a quick run
+    never silently loses a whole cell (or class).
+    """
+    counts = counts.double()
+    quota = counts * size / counts.sum()
+    take = quota.floor().long()
+    nonempty = counts > 0
+    starved = nonempty & (take == 0)
+    take[starved] = 1
+    remaining = size - int(take.sum())
+    if remaining > 0:
+        remainder = (quota - quota.floor()).masked_fill(starved | (take >= counts.long()), -1.0)
+        extra = torch.argsort(remainder, descending=True, stable=True)[:remaining]
+        take[extra] += 1
+    return take
+
+
+def _draw_per_stratum(strata: torch.Tensor, take: torch.Tensor, seed: int) -> torch.Tensor:
+    """Sorted positions of ``take[s]`` members drawn at random from each stratum ``s``."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(strata), generator=gen)
+    chosen = [order[strata[order] == s][: int(take[s])] for s in torch.nonzero(take).flatten().tolist()]
+    return torch.sort(torch.cat(chosen)).values
+
+
 def stratified_subsample(split: Split, size: int | None, num_classes: int, num_groups: int, seed: int) -> Split:
     """Keep ``size`` samples with every (class, group) cell in proportion (largest remainder).
 
@@ -129,25 +164,48 @@ def stratified_subsample(split: Split, size: int | None, num_classes: int, num_g
     if size <= 0:
         raise ValueError(f"subsample size must be positive, got {size}")
     flat = split.groups * num_classes + split.labels
-    counts = torch.bincount(flat, minlength=num_classes * num_groups).double()
-    quota = counts * size / counts.sum()
-    take = quota.floor().long()
-    nonempty = counts > 0
-    starved = nonempty & (take == 0)
-    take[starved] = 1
-    remaining = size - int(take.sum())
-    if remaining > 0:
-        remainder = (quota - quota.floor()).masked_fill(starved | (take >= counts.long()), -1.0)
-        extra = torch.argsort(remainder, descending=True, stable=True)[:remaining]
-        take[extra] += 1
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(split), generator=gen)
-    chosen = []
-    for cell in torch.nonzero(take).flatten().tolist():
-        members = order[flat[order] == cell]
-        chosen.append(members[: int(take[cell])])
-    index = torch.sort(torch.cat(chosen)).values
-    return split.subset(index)
+    take = _largest_remainder(torch.bincount(flat, minlength=num_classes * num_groups), size)
+    return split.subset(_draw_per_stratum(flat, take, seed))
+
+
+def source_subsample(split: Split, size: int | None, num_classes: int, seed: int) -> Split:
+    """Keep about ``size`` samples by drawing whole *source images* per class, every rendering of each.
+
+    DEO compares a class's accuracy in each group; on cifar10s / fmnist-s val and test the groups are
+    the same images rendered gray and colour, so a colour-blind model scores a gap of exactly 0. Drawing
+    each (class, group) cell on its own would pair a class's gray and colour cells on different images
+    (about 2.5 shared of 50 at ``--eval-size 1000``) and add several points of sampling noise to every
+    gap. Here ``size // k`` sources are kept (k renderings per source; an odd size rounds down), spread
+    over classes in proportion, and the split's order (all gray, then all colour) is kept.
+    :func:`eval_subsample` sends splits without ``sources`` to :func:`stratified_subsample` instead.
+    """
+    if split.sources is None:
+        raise ValueError("source_subsample needs a split with sources")
+    if size is None or size >= len(split):
+        return split
+    if size <= 0:
+        raise ValueError(f"subsample size must be positive, got {size}")
+    ids, first = _first_rows(split.sources)
+    renderings = len(split) // len(ids)
+    source_labels = split.labels[first]
+    take = _largest_remainder(torch.bincount(source_labels, minlength=num_classes), max(size // renderings, 1))
+    kept_sources = ids[_draw_per_stratum(source_labels, take, seed)]
+    return split.subset(torch.nonzero(torch.isin(split.sources, kept_sources)).flatten())
+
+
+def eval_subsample(split: Split, size: int | None, num_classes: int, num_groups: int, seed: int) -> Split:
+    """``--eval-size`` for val and test: by source image where renderings are paired, else per cell."""
+    if split.sources is not None:
+        return source_subsample(split, size, num_classes, seed)
+    return stratified_subsample(split, size, num_classes, num_groups, seed)
+
+
+def _first_rows(sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct source ids ascending, the first row holding each)."""
+    ids, inverse = torch.unique(sources, sorted=True, return_inverse=True)
+    rows = torch.arange(len(sources))
+    first = torch.full((len(ids),), len(sources), dtype=torch.long).scatter_reduce(0, inverse, rows, reduce="amin")
+    return ids, first
 
 
 def file_fingerprint(paths: list[Path]) -> str:

@@ -18,6 +18,11 @@ from fairtune.data.base import DatasetInfo, ImageView, Split
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 UTKFACE_RESIZE = 256  # resize 256x256, then random crop (SPEC §6)
+# torchvision's RandomResizedCrop defaults (SPEC §6, celeba): area fraction, aspect ratio w/h, and
+# how many boxes it draws before falling back to a centre crop.
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+CROP_ATTEMPTS = 10
 
 
 class BatchSource:
@@ -65,9 +70,10 @@ class BatchSource:
         if self.info.augment == "resize_crop_flip":
             params["crop"] = torch.rand(*shape, 2, generator=generator)
         elif self.info.augment == "random_resized_crop_flip":
-            params["area"] = torch.rand(shape, generator=generator)
-            params["log_ratio"] = torch.rand(shape, generator=generator)
-            params["center"] = torch.rand(*shape, 2, generator=generator)
+            # Every attempt torchvision may make, drawn up front; the first box that fits is used.
+            params["area"] = torch.rand(*shape, CROP_ATTEMPTS, generator=generator)
+            params["log_ratio"] = torch.rand(*shape, CROP_ATTEMPTS, generator=generator)
+            params["offset"] = torch.rand(*shape, 2, generator=generator)
         return {k: v.to(self.device, non_blocking=True) for k, v in params.items()}
 
     def train_batch(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -122,28 +128,71 @@ def _crop(x: torch.Tensor, unit_offsets: torch.Tensor, size: int) -> torch.Tenso
     return x[batch, channel, rows, cols]
 
 
-def _random_resized_crop(x: torch.Tensor, params: dict[str, torch.Tensor], size: int) -> torch.Tensor:
-    """torchvision's RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) for a whole batch at once.
+def random_resized_crop_boxes(
+    height: int,
+    width: int,
+    area_u: torch.Tensor,
+    log_ratio_u: torch.Tensor,
+    offset_u: torch.Tensor,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top, left, box_h, box_w) int64 of torchvision's ``RandomResizedCrop.get_params``, for many samples at once.
 
-    Hand-written because torchvision draws one crop per call; here each sample's box becomes an
-    affine sampling grid. Boxes that do not fit fall back to the whole image (torchvision falls
-    back to a centre crop after 10 rejected draws; one draw and this fallback keep it batched).
+    ``area_u`` and ``log_ratio_u`` are (..., attempts) uniforms in [0, 1), ``offset_u`` (..., 2).
+    Attempt k draws an area fraction uniform in ``scale`` and a log aspect ratio uniform in
+    log(``ratio``), rounds w = √(area·r), h = √(area/r) to integers (half to even, as Python's
+    ``round``) and is accepted when it fits; the first accepted box wins and its corner is uniform
+    over the positions that keep it inside. When no attempt fits, torchvision's fallback: a centre
+    crop of the whole image clamped to the ratio range. Same distribution as calling ``get_params``
+    once per sample, without a per-sample Python loop (the attempts are a tensor dimension).
+    """
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * area_u.double())
+    low, high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(low + (high - low) * log_ratio_u.double())
+    w = torch.round(torch.sqrt(area * aspect)).long()
+    h = torch.round(torch.sqrt(area / aspect)).long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(dim=-1, keepdim=True)  # argmax returns the first maximum
+    accepted = fits.any(dim=-1)
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fallback_w, fallback_h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fallback_w, fallback_h = int(round(height * max(ratio))), height
+    else:
+        fallback_w, fallback_h = width, height
+    box_w = torch.where(accepted, w.gather(-1, first).squeeze(-1), fallback_w)
+    box_h = torch.where(accepted, h.gather(-1, first).squeeze(-1), fallback_h)
+    # Uniform integer corner in [0, side - box]; float64 and the clamp keep u -> 1 from overshooting.
+    top = torch.minimum((offset_u[..., 0].double() * (height - box_h + 1)).floor().long(), height - box_h)
+    left = torch.minimum((offset_u[..., 1].double() * (width - box_w + 1)).floor().long(), width - box_w)
+    top = torch.where(accepted, top, (height - box_h) // 2)
+    left = torch.where(accepted, left, (width - box_w) // 2)
+    return top, left, box_h, box_w
+
+
+def _random_resized_crop(x: torch.Tensor, params: dict[str, torch.Tensor], size: int) -> torch.Tensor:
+    """torchvision's RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) for a whole batch at once.
+
+    Hand-written because torchvision draws one crop per call. Boxes come from
+    :func:`random_resized_crop_boxes`; each box is resized by one ``grid_sample`` whose sampling
+    points are those of a bilinear ``interpolate`` of the cropped box (``align_corners=False``,
+    clamped to the box's edge pixels), so no pixel outside the box leaks in. *Choice*: no antialias
+    (torchvision's tensor path applies it when a box is shrunk, here by at most 218/176).
     """
     b, _, h, w = x.shape
-    area = (0.08 + 0.92 * params["area"][:b]) * (h * w)
-    ratio = torch.exp(math.log(3 / 4) + params["log_ratio"][:b] * (math.log(4 / 3) - math.log(3 / 4)))
-    crop_w = torch.sqrt(area * ratio)
-    crop_h = torch.sqrt(area / ratio)
-    fits = (crop_w <= w) & (crop_h <= h)
-    crop_w = torch.where(fits, crop_w, torch.full_like(crop_w, w))
-    crop_h = torch.where(fits, crop_h, torch.full_like(crop_h, h))
-    # Box centre in normalised [-1, 1] coordinates, anywhere the box stays inside the image.
-    cx = (params["center"][:b, 0] * 2 - 1) * (1 - crop_w / w)
-    cy = (params["center"][:b, 1] * 2 - 1) * (1 - crop_h / h)
-    theta = torch.zeros(b, 2, 3, device=x.device)
-    theta[:, 0, 0] = crop_w / w
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = crop_h / h
-    theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
+    top, left, box_h, box_w = random_resized_crop_boxes(
+        h, w, params["area"][:b], params["log_ratio"][:b], params["offset"][:b]
+    )
+    centres = torch.arange(size, device=x.device, dtype=torch.float32) + 0.5
+
+    def sample_points(start: torch.Tensor, extent: torch.Tensor, side: int) -> torch.Tensor:
+        pixel = start[:, None] + centres * (extent[:, None] / size) - 0.5
+        pixel = torch.minimum(torch.maximum(pixel, start[:, None].float()), (start + extent - 1)[:, None].float())
+        return (2 * pixel + 1) / side - 1  # grid_sample's normalised coordinates (align_corners=False)
+
+    ys = sample_points(top, box_h, h)
+    xs = sample_points(left, box_w, w)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -93,7 +93,7 @@ def _both_renderings(
     n = len(labels)
     rendered = torch.cat([render_gray(images), render_color(images, generator)])
     groups = torch.cat([torch.full((n,), GRAY), torch.full((n,), COLOR)])
-    return Split(rendered, labels.repeat(2), groups)
+    return Split(rendered, labels.repeat(2), groups, sources=torch.arange(n).repeat(2))
 
 
 def build_skewed_splits(

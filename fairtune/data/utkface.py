@@ -4,7 +4,9 @@ Labels come from the file names ``age_gender_race_date.jpg.chip.jpg``. The split
 MFD code's (``data_handler/utkface.py``): natural-sort the names, drop malformed and race-4 ("Others")
 names, shuffle with ``random.seed(1)``, then scan from the end and send the first ``PER_CELL`` of each
 (group, class) cell to test. fairtune's validation split continues the same scan (SPEC §4), so the
-split never depends on the run seed.
+split never depends on the run seed. ``select_on="test"`` is the official procedure: the official code
+trains on everything that is not test and selects on test, so no validation images are carved out of
+training and val *is* test.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def load(data_dir: Path, options: DataOptions, per_cell: int = PER_CELL) -> Data
             "expected age_gender_race_date.jpg.chip.jpg names from the 'Aligned&Cropped Faces' archive"
         )
     random.Random(SPLIT_SEED).shuffle(kept)
-    test, val, train = _reverse_scan(kept, cells, per_cell)
+    test, val, train = _reverse_scan(kept, cells, per_cell, hold_out_val=options.select_on != "test")
 
     # One cache in shuffled order for all three splits: it does not depend on per_cell, and the
     # training rows, the bulk of the reads, are then in increasing file order.
@@ -98,7 +100,7 @@ def load(data_dir: Path, options: DataOptions, per_cell: int = PER_CELL) -> Data
         info=info(options),
         options=options,
         train=split_of(train),
-        val=split_of(val),
+        val=split_of(test if options.select_on == "test" else val),
         test=split_of(test),
         notes={"malformed_skipped": malformed, "others_dropped": others},
     )
@@ -135,12 +137,13 @@ def natural_key(name: str) -> tuple[list[int | str], str]:
 
 
 def _reverse_scan(
-    shuffled: list[str], cells: dict[str, tuple[int, int]], per_cell: int
+    shuffled: list[str], cells: dict[str, tuple[int, int]], per_cell: int, hold_out_val: bool = True
 ) -> tuple[list[str], list[str], list[str]]:
     """(test, val, train): from the end, the first ``per_cell`` of each cell, then the next ones.
 
     test and val keep the scan's (reversed) order, as the official code appends them; train keeps
-    the shuffled order.
+    the shuffled order. Without ``hold_out_val`` (the official procedure) val is empty and train is
+    everything that is not test.
     """
     seen: Counter[tuple[int, int]] = Counter()
     test, val = [], []
@@ -148,7 +151,7 @@ def _reverse_scan(
         seen[cells[name]] += 1
         if seen[cells[name]] <= per_cell:
             test.append(name)
-        elif seen[cells[name]] <= 2 * per_cell:
+        elif hold_out_val and seen[cells[name]] <= 2 * per_cell:
             val.append(name)
     held_out = set(test) | set(val)
     train = [name for name in shuffled if name not in held_out]

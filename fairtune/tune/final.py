@@ -21,7 +21,7 @@ from typing import Callable
 
 from fairtune import io
 from fairtune.data import DataOptions, dataset_info, load_dataset
-from fairtune.engine import TrainConfig
+from fairtune.engine import TrainConfig, training_protocol
 from fairtune.errors import UserError
 from fairtune.methods import get_method, in_paper_order
 from fairtune.runs import best_config_path
@@ -34,6 +34,7 @@ PROGRESS_EVERY_S = 30.0
 # Fields of the protocol shared by every method of one final; the rest are the method's own.
 HYPERPARAMETER_FIELDS = ("method", "T", "lam", "distill_lam")
 PER_SEED_DATA_FIELDS = ("dataset", "seed")
+PROTOCOL_FLAGS = ("epochs", "batch_size", "lr")  # protocol fields the command line sets
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,36 @@ def plan_final(settings: FinalSettings) -> FinalPlan:
         jobs.append(FinalJob(config, tuple(todo), tuple(done)))
         if method.needs_teacher or name == "scratch":
             teacher_seeds.update(todo)
+    if not (settings.force and "scratch" in names):  # otherwise the teachers are retrained
+        _check_stored_teachers(settings, TrainConfig(method="scratch", **train), sorted(teacher_seeds))
     return FinalPlan(options, tuple(jobs), tuple(sorted(teacher_seeds)))
+
+
+def _check_stored_teachers(settings: FinalSettings, base: TrainConfig, seeds: list[int]) -> None:
+    """Refuse a stored teacher trained with another protocol (epochs, lr, ...) than this final's.
+
+    It would be used as it is: the Teacher row would report it and every KD student would learn from
+    it, so the table would silently mix protocols. Its data settings are checked when it is loaded.
+    """
+    wanted = training_protocol(asdict(base))
+    for seed in seeds:
+        files = teacher_paths(settings.results_dir, settings.dataset, seed)
+        if not files.weights.exists():
+            continue
+        try:
+            trained = training_protocol(json.loads(files.metrics.read_text()).get("config") or {})
+        except (OSError, ValueError):
+            continue  # unreadable metrics: reading the teacher itself reports it
+        differ = [k for k in wanted if k in trained and trained[k] != wanted[k]]
+        if differ:
+            shown = ", ".join(f"{k} {trained[k]!r} (this final: {wanted[k]!r})" for k in differ)
+            scratch = "" if not settings.methods or "scratch" in settings.methods else " and name scratch in --method"
+            flags = [f"--{k.replace('_', '-')} {trained[k]}" for k in differ if k in PROTOCOL_FLAGS]
+            theirs = f", or pass {' '.join(flags)} to run the final with theirs" if len(flags) == len(differ) else ""
+            raise UserError(
+                f"teacher {files.weights} was trained with {shown}; pass --force{scratch} to retrain the teachers "
+                f"with this final's protocol{theirs}"
+            )
 
 
 def _failure(exc: BaseException) -> str:
@@ -229,8 +259,7 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
         for seed in plan.teacher_seeds:
             files = teacher_paths(settings.results_dir, settings.dataset, seed)
             if files.weights.exists() and not retrain:
-                stored[seed] = read_teacher_state(files, plan.options(seed), info)
-                _warn_if_other_protocol(files, base, seed, say)
+                stored[seed] = read_teacher_state(files, plan.options(seed), info)  # protocol checked by plan_final
 
         pending: dict = {}  # object ref -> (method, seed, teacher state ref or None)
         teachers: dict[int, object] = {}
@@ -323,20 +352,6 @@ def _write_scratch_from_disk(settings: FinalSettings, files, seed: int, say: Pri
     io.write_json(path, _scratch_record(stored, files.weights))
     test = stored["test"]
     say(f"  scratch seed {seed}: the stored teacher, test accuracy {test['accuracy']:.2f}  DEO_A {test['deo_a']:.2f} -> {path}")
-
-
-def _warn_if_other_protocol(files, base: TrainConfig, seed: int, say: Printer) -> None:
-    """A stored teacher is used as it is; say so when it was trained with other settings."""
-    try:
-        trained = json.loads(files.metrics.read_text()).get("config") or {}
-    except (OSError, ValueError):
-        trained = {}
-    diff = [f"{k} {trained[k]!r}" for k, v in asdict(base).items() if k in trained and trained[k] != v]
-    if diff:
-        say(
-            f"  note: teacher seed {seed} was trained with {', '.join(diff)} (the final protocol differs); it is used "
-            f"as it is — name scratch with --force to retrain the teachers"
-        )
 
 
 __all__ = ["FinalPlan", "FinalSettings", "final_path", "plan_final", "run_final"]

@@ -31,7 +31,7 @@ FORMAT = 1
 RUNNING, COMPLETED, STOPPED, ERROR = "RUNNING", "COMPLETED", "STOPPED", "ERROR"
 FINISHED = (COMPLETED, STOPPED, ERROR)
 # What the ledger keeps of each epoch: enough for trials.csv, best.json, ASHA's rungs and the plots.
-EPOCH_KEYS = ("epoch", "accuracy", "deo_a", "deo_m", "objective", "loss", "acc_matrix")
+EPOCH_KEYS = ("epoch", "stage2_epoch", "accuracy", "deo_a", "deo_m", "objective", "loss", "acc_matrix")
 
 
 @dataclass
@@ -43,9 +43,11 @@ class TrialRecord:
     epochs: list[dict] = field(default_factory=list)
     error: str = ""
 
-    def value_at(self, epoch: int, key: str = "objective") -> float | None:
+    def value_at(self, clock: str, time: float, key: str = "objective") -> float | None:
+        """``key`` of the first epoch whose ``clock`` (e.g. ASHA's time attribute) reached ``time``:
+        the result ASHA records at that rung."""
         for record in self.epochs:
-            if record["epoch"] == epoch:
+            if record.get(clock, -1) >= time:
                 return record[key]
         return None
 

@@ -22,6 +22,7 @@ from fairtune.engine import TrainConfig
 from fairtune.errors import UserError
 from fairtune.methods import get_method
 from fairtune.metrics import objective_mode
+from fairtune.schedule import asha_plan, default_grace_period  # noqa: F401 (default_grace_period: re-exported)
 from fairtune.spaces import SPACES_DIR, SearchSpace, load_space
 from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
 from fairtune.tune.cluster import check_resources, connect
@@ -62,9 +63,6 @@ class SearchSettings:
         return (Path(self.results_dir) / self.data.dataset / "search" / self.base.method).resolve()
 
 
-def default_grace_period(epochs: int) -> int:
-    """ASHA's first rung: a tenth of the run (at least one epoch)."""
-    return max(1, epochs // 10)
 
 
 def _teacher_state(settings: SearchSettings, say: Printer) -> dict | None:
@@ -159,7 +157,7 @@ def _ray_hooks():
     """The Searcher, scheduler and callback classes (defined here: they subclass Ray's, which must be
     imported only after ``cluster.prepare_environment``)."""
     from ray.tune import Callback
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import Searcher
 
     class LedgerSearcher(Searcher):
@@ -211,7 +209,7 @@ def _ray_hooks():
             for bracket in self._brackets:
                 for milestone, recorded in bracket._rungs:
                     for trial in ledger.trials:
-                        value = _at(trial, milestone)
+                        value = trial.value_at(self._time_attr, milestone)
                         if value is not None:
                             recorded[trial.id] = self._metric_op * value
 
@@ -266,9 +264,6 @@ def _ray_hooks():
             self.ledger.finish(record.id, ERROR, reason)
             _tell(self.study, record) if self.study is not None else None
             self.say(f"  {self._label(trial)} FAILED: {reason}")
-
-    def _at(trial: TrialRecord, milestone) -> float | None:
-        return trial.value_at(int(milestone)) if float(milestone).is_integer() else None
 
     return LedgerSearcher, LedgerASHA, LedgerCallback
 
@@ -347,11 +342,11 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
     folder = settings.experiment_dir
     mode = objective_mode(settings.base.objective)
     epochs = settings.base.total_epochs
-    grace = settings.grace_period or default_grace_period(settings.base.epochs)
-    # T plays no part in FitNet's hint stage: no trial is judged before stage 2 has run an epoch.
-    grace = min(grace + (epochs - settings.base.epochs), epochs)
+    # ASHA counts stage-2 epochs: FitNet's hint stage is never judged, and FitNet gets as many rungs
+    # over its stage 2 as other methods over their run (see fairtune.schedule for why).
+    rungs = asha_plan(settings.base.epochs, settings.base.hint_epochs, settings.grace_period, settings.reduction_factor)
     num_samples = settings.num_samples if space.parameter else 1
-    identity = search_identity(settings, space, grace)
+    identity = search_identity(settings, space, rungs.grace_period)
     if (folder / LEDGER_FILE).exists():
         _resumable_ledger(settings, identity)  # refused before Ray starts
 
@@ -380,8 +375,8 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
     launches = len(ledger.unfinished()) + max(num_samples - len(ledger.trials), 0)
     if launches:
         scheduler = LedgerASHA(
-            ledger, metric="objective", mode=mode, time_attr="epoch", max_t=epochs,
-            grace_period=grace, reduction_factor=settings.reduction_factor,
+            ledger, metric="objective", mode=mode, time_attr=rungs.time_attr, max_t=rungs.max_t,
+            grace_period=rungs.grace_period, reduction_factor=rungs.reduction_factor,
         )
         name = lambda trial: _trial_name(trial, space.parameter)  # noqa: E731
         tuner = tune.Tuner(
