@@ -63,6 +63,8 @@ class Ledger:
     trials: list[TrialRecord] = field(default_factory=list)
     seconds_before: float = 0.0  # driver time of earlier sessions
     sessions: int = 0
+    # Proposals the sampler repeated: never trained, told to Optuna with the earlier trial's result.
+    repeats: list[dict] = field(default_factory=list)  # {"optuna_number": n, "same_as": trial id}
     _started: float = field(default_factory=time.monotonic, repr=False)
 
     # -- persistence ----------------------------------------------------------------------------
@@ -80,7 +82,7 @@ class Ledger:
             if not isinstance(raw, dict) or raw.get("format") != FORMAT:
                 raise ValueError(f"not a format-{FORMAT} ledger")
             trials = [TrialRecord(**t) for t in raw["trials"]]
-            ledger = cls(path, raw["settings"], trials, float(raw["seconds"]), int(raw["sessions"]))
+            ledger = cls(path, raw["settings"], trials, float(raw["seconds"]), int(raw["sessions"]), list(raw["repeats"]))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(
                 f"cannot read the search record {path} ({exc}); it is written only by fairtune — restore it, "
@@ -106,6 +108,7 @@ class Ledger:
             "seconds": round(self.seconds, 3),
             "sessions": self.sessions,
             "trials": [vars(t) for t in self.trials],
+            "repeats": self.repeats,
         })
 
     # -- events ---------------------------------------------------------------------------------
@@ -114,6 +117,14 @@ class Ledger:
         self.trials.append(trial)
         self.save()
         return trial
+
+    def add_repeat(self, optuna_number: int, same_as: str) -> None:
+        self.repeats.append({"optuna_number": optuna_number, "same_as": same_as})
+        self.save()
+
+    def find(self, config: dict) -> TrialRecord | None:
+        """The trial that already ran (or runs) this config."""
+        return next((t for t in self.trials if t.config == config), None)
 
     def get(self, trial_id: str) -> TrialRecord:
         return next(t for t in self.trials if t.id == trial_id)

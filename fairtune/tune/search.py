@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +33,7 @@ from fairtune.tune.tasks import train_teacher_task
 
 Printer = Callable[[str], None]
 STUDY_FILE, STUDY_NAME = "optuna.db", "search"
+MAX_REPEATS = 50  # proposals in a row that repeat a trained config before one is picked by hand
 TUNE_FOLDER = "tune"  # Ray Tune's own files (a fresh experiment per driver session: trial folders, TensorBoard)
 
 
@@ -86,10 +87,32 @@ def _teacher_state(settings: SearchSettings, say: Printer) -> dict | None:
     return state
 
 
+def _shared_hint_stage(settings: SearchSettings, space: SearchSpace, teacher_state: dict, say: Printer) -> None:
+    """FitNet's stage 1 reads no T: train it once, as a Ray task, for every trial of the search to
+    continue from (written atomically; a resumed search reuses it)."""
+    import ray
+
+    from fairtune.tune.tasks import hint_stage_task
+    from fairtune.tune.trainable import hint_stage_file, trial_folder
+
+    folder = settings.experiment_dir
+    target = hint_stage_file(folder)
+    if target.exists():
+        return
+    say(f"hint stage: training FitNet's stage 1 ({settings.base.hint_epochs} epochs) once, for every trial to continue from")
+    config = replace(settings.base, **{space.parameter: space.start(settings.data.dataset)})
+    task = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)(hint_stage_task)
+    state = ray.get(task.remote(
+        config, settings.data, str(Path(settings.data_dir).resolve()), settings.device, settings.cpus_per_trial,
+        teacher_state, str(trial_folder(folder, "hint-stage") / "epochs.jsonl"),
+    ))
+    io.save_torch(target, state)
+
+
 # -- the search's hooks into Tune: searcher, scheduler and callback all read and write the ledger ---------
 
 
-def _open_study(folder: Path, space: SearchSpace, mode: str, seed: int, dataset: str):
+def _open_study(folder: Path, space: SearchSpace, mode: str, seed: int, dataset: str, grid: bool):
     """The searcher's memory in Optuna's own storage (SQLite, transactional, so a kill never tears it;
     ``optuna-dashboard sqlite:///…/optuna.db`` opens it). Created with the paper's value enqueued first."""
     import optuna
@@ -104,8 +127,21 @@ def _open_study(folder: Path, space: SearchSpace, mode: str, seed: int, dataset:
         sampler=optuna.samplers.TPESampler(seed=seed),
     )
     if not existed:
-        study.enqueue_trial({space.parameter: space.start(dataset)})
+        for value in _first_values(space, dataset, grid):
+            study.enqueue_trial({space.parameter: value})
     return study
+
+
+def _first_values(space: SearchSpace, dataset: str, grid: bool) -> list:
+    """What the sampler is given first: the paper's value; for a grid, then every other value in order."""
+    start = space.start(dataset)
+    return [start, *(v for v in space.values if v != start)] if grid else [start]
+
+
+def is_grid(space: SearchSpace, num_samples: int) -> bool:
+    """A categorical space with no more values than trials is run as a grid, each value once: TPE would
+    otherwise propose repeats (7 distinct of 16 for T), each a config trained again for nothing."""
+    return space.distribution == "choice" and len(space.values) <= num_samples
 
 
 def _distribution(space: SearchSpace):
@@ -131,10 +167,26 @@ def _tell(study, trial: TrialRecord) -> None:
     for record in trial.epochs:
         if record["epoch"] not in frozen.intermediate_values:
             live.report(record["objective"], record["epoch"])
+    _tell_result(study, trial.optuna_number, trial)
+
+
+def _tell_result(study, number: int, trial: TrialRecord) -> None:
+    """Tell Optuna's trial ``number`` the outcome of ``trial`` (itself, or the trial it repeats)."""
+    from optuna.trial import TrialState
+
     if trial.status == COMPLETED and trial.epochs:
-        study.tell(trial.optuna_number, trial.epochs[-1]["objective"])
+        study.tell(number, trial.epochs[-1]["objective"])
     else:
-        study.tell(trial.optuna_number, state=TrialState.PRUNED if trial.status == STOPPED else TrialState.FAIL)
+        study.tell(number, state=TrialState.PRUNED if trial.status == STOPPED else TrialState.FAIL)
+
+
+def _tell_repeats(study, ledger: Ledger) -> None:
+    """Repeated proposals whose earlier trial has finished get its result (once)."""
+    running = {t.number for t in study.get_trials(deepcopy=False) if not t.state.is_finished()}
+    for repeat in ledger.repeats:
+        earlier = ledger.get(repeat["same_as"])
+        if repeat["optuna_number"] in running and earlier.status in FINISHED:
+            _tell_result(study, repeat["optuna_number"], earlier)
 
 
 def _reconcile(study, ledger: Ledger) -> None:
@@ -144,13 +196,15 @@ def _reconcile(study, ledger: Ledger) -> None:
     from optuna.trial import TrialState
 
     known = {t.optuna_number: t for t in ledger.trials if t.optuna_number is not None}
+    repeats = {r["optuna_number"] for r in ledger.repeats}
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if frozen.number in known:
             if known[frozen.number].status in FINISHED:
                 _tell(study, known[frozen.number])
-        else:
+        elif frozen.number not in repeats:
             study.tell(frozen.number, state=TrialState.FAIL)
             study.enqueue_trial(frozen.params, skip_if_exists=False)
+    _tell_repeats(study, ledger)
 
 
 def _ray_hooks():
@@ -178,14 +232,27 @@ def _ray_hooks():
             if self.relaunch:
                 trial = self.ledger.get(self.relaunch.pop(0))
             elif len(self.ledger.trials) < self.num_samples:
-                if self.space.parameter:
-                    asked = self.study.ask({self.space.parameter: _distribution(self.space)})
-                    trial = self.ledger.add(asked.params, asked.number)
-                else:
-                    trial = self.ledger.add({}, None)
+                trial = self._new_trial() if self.space.parameter else self.ledger.add({}, None)
             else:
                 return Searcher.FINISHED
             return {**trial.config, TRIAL_KEY: trial.id}
+
+        def _new_trial(self) -> TrialRecord:
+            """Ask Optuna until it proposes a config not yet trained; a repeat is told the earlier
+            trial's result (now, or when that trial finishes) and costs nothing."""
+            distributions = {self.space.parameter: _distribution(self.space)}
+            for _ in range(MAX_REPEATS):
+                asked = self.study.ask(distributions)
+                earlier = self.ledger.find(asked.params)
+                if earlier is None:
+                    return self.ledger.add(asked.params, asked.number)
+                self.ledger.add_repeat(asked.number, earlier.id)
+                _tell_repeats(self.study, self.ledger)
+            # A sampler stuck on known values: take the first value of the space not yet run.
+            unused = next(v for v in self.space.values if self.ledger.find({self.space.parameter: v}) is None)
+            self.study.enqueue_trial({self.space.parameter: unused})
+            asked = self.study.ask(distributions)
+            return self.ledger.add(asked.params, asked.number)
 
         def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
             pass  # the callback records the outcome in the ledger, then tells Optuna
@@ -232,6 +299,11 @@ def _ray_hooks():
             self.ledger, self.study, self.say = ledger, study, say
             self.total, self.parameter, self.num_trials = total, parameter, num_trials
 
+        def _tell(self, record: TrialRecord) -> None:
+            if self.study is not None:
+                _tell(self.study, record)
+                _tell_repeats(self.study, self.ledger)
+
         def _label(self, trial) -> str:
             record = self.ledger.get(trial.config[TRIAL_KEY])
             value = f" {self.parameter}={record.config[self.parameter]:<8.4g}" if self.parameter else ""
@@ -253,7 +325,7 @@ def _ray_hooks():
                 self.ledger.finish(record.id, COMPLETED)
             if record.status == RUNNING:
                 return  # ended without a decision (the search was interrupted): resumed later
-            _tell(self.study, record) if self.study is not None else None
+            self._tell(record)
             done = sum(t.status in FINISHED for t in self.ledger.trials)
             how = "stopped by ASHA" if record.status == STOPPED else "done"
             self.say(f"  {self._label(trial)} {how} after {record.epochs_run} epochs ({done}/{self.num_trials} trials)")
@@ -262,7 +334,7 @@ def _ray_hooks():
             record = self.ledger.get(trial.config[TRIAL_KEY])
             reason = _failure_reason(Path(self.ledger.path).parent, record.id, trial.error_file)
             self.ledger.finish(record.id, ERROR, reason)
-            _tell(self.study, record) if self.study is not None else None
+            self._tell(record)
             self.say(f"  {self._label(trial)} FAILED: {reason}")
 
     return LedgerSearcher, LedgerASHA, LedgerCallback
@@ -315,14 +387,14 @@ def _resumable_ledger(settings: SearchSettings, identity: dict) -> Ledger:
     return ledger
 
 
-def _open_ledger(settings: SearchSettings, identity: dict, say: Printer) -> Ledger:
+def _open_ledger(settings: SearchSettings, identity: dict, planned: int, say: Printer) -> Ledger:
     """The ledger of the search being resumed, or of a new one."""
     folder = settings.experiment_dir
     if (folder / LEDGER_FILE).exists():
         ledger = _resumable_ledger(settings, identity)
         ledger.begin_session()
         done = sum(t.status in FINISHED for t in ledger.trials)
-        missing = max(identity["num_samples"] - len(ledger.trials), 0)
+        missing = max(planned - len(ledger.trials), 0)
         say(f"resuming the search in {folder}: {done} trial(s) finished, {len(ledger.unfinished())} to continue, {missing} to start")
         return ledger
     if folder.exists():
@@ -345,7 +417,8 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
     # ASHA counts stage-2 epochs: FitNet's hint stage is never judged, and FitNet gets as many rungs
     # over its stage 2 as other methods over their run (see fairtune.schedule for why).
     rungs = asha_plan(settings.base.epochs, settings.base.hint_epochs, settings.grace_period, settings.reduction_factor)
-    num_samples = settings.num_samples if space.parameter else 1
+    grid = is_grid(space, settings.num_samples)
+    num_samples = (len(space.values) if grid else settings.num_samples) if space.parameter else 1
     identity = search_identity(settings, space, rungs.grace_period)
     if (folder / LEDGER_FILE).exists():
         _resumable_ledger(settings, identity)  # refused before Ray starts
@@ -353,16 +426,21 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
     resources = connect(settings.address)
     check_resources(resources, settings.cpus_per_trial, settings.gpus_per_trial)
     teacher_state = _teacher_state(settings, say) if method.needs_teacher else None
-    ledger = _open_ledger(settings, identity, say)
+    ledger = _open_ledger(settings, identity, num_samples, say)
     if not space.parameter and not ledger.trials:
         say(f"{method.name} has no hyperparameter to search: running one trial")
-    study = _open_study(folder, space, mode, settings.data.seed, settings.data.dataset) if space.parameter else None
+    if grid and not ledger.trials:
+        say(f"{space.parameter} takes {len(space.values)} values, no more than --num-samples {settings.num_samples}: "
+            f"running each once (a grid, the paper's value first) instead of sampling repeats")
+    study = _open_study(folder, space, mode, settings.data.seed, settings.data.dataset, grid) if space.parameter else None
     if study is not None:
         _reconcile(study, ledger)
+    if settings.base.hint_epochs and space.parameter and not ledger.complete(num_samples):
+        _shared_hint_stage(settings, space, teacher_state, say)
 
     from ray import tune
 
-    from fairtune.tune.trainable import TrialSpec, run_trial
+    from fairtune.tune.trainable import TrialSpec, hint_stage_file, run_trial
 
     LedgerSearcher, LedgerASHA, LedgerCallback = _ray_hooks()
     spec = TrialSpec(
@@ -401,7 +479,14 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
         )
     trials = trials_table(ledger, space.parameter, settings.base.objective)
     io.write_text(folder / "trials.csv", trials.to_csv(index=False))
+    shared = settings.base.hint_epochs if hint_stage_file(folder).exists() else 0
     best = best_record(trials, settings, space, epochs, ledger.seconds)
+    best["budget"].update(
+        grid=grid, repeats_not_trained=len(ledger.repeats),
+        # Every trial that reached stage 2 continued from the one shared hint stage.
+        epochs_computed=int(trials["epochs_run"].sum()) - shared * max(int((trials["epochs_run"] >= shared).sum()) - 1, 0)
+        if shared else int(trials["epochs_run"].sum()),
+    )
     io.write_json(folder / "best.json", best)
     return best
 

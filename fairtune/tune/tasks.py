@@ -79,3 +79,25 @@ def method_run_task(
     record = run_record(config, data, run_method(config, data, teacher, where, on_epoch), where)
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     return record
+
+
+def hint_stage_task(
+    config: TrainConfig, options: DataOptions, data_dir: str, device: str, cpus: int, teacher_state: dict, log: str
+) -> dict:
+    """FitNet's stage 1 (E/2 epochs of hints), once per search: it reads no T, so every trial of the
+    search would run it identically. Returns the trainer's state at the stage's end."""
+    import json
+    import os
+    from pathlib import Path
+
+    from fairtune.engine import Trainer
+
+    torch.set_num_threads(max(1, cpus))
+    data = load_dataset(options, data_dir)
+    trainer = Trainer(config, data, teacher_model(teacher_state, data.info), task_device(device))
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    while trainer.epoch < trainer.hint_epochs:
+        metrics = trainer.run_epoch()
+        with open(log, "a") as handle:
+            handle.write(json.dumps({"epoch": metrics["epoch"], "pid": os.getpid()}) + "\n")
+    return trainer.state_dict()

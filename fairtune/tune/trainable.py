@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,6 +46,11 @@ def epoch_log(experiment_dir: str | Path, trial_id: str) -> Path:
 
 def failure_marker(experiment_dir: str | Path, trial_id: str) -> Path:
     return trial_folder(experiment_dir, trial_id) / "nonfinite.txt"
+
+
+def hint_stage_file(experiment_dir: str | Path) -> Path:
+    """FitNet's stage 1, trained once per search (see search._shared_hint_stage)."""
+    return Path(experiment_dir) / TRIALS_FOLDER / "hint-stage" / "state.pt"
 
 
 def state_files(experiment_dir: str | Path, trial_id: str) -> list[Path]:
@@ -87,14 +92,26 @@ def _save_state(spec: TrialSpec, trial_id: str, trainer: Trainer) -> None:
         old.unlink(missing_ok=True)
 
 
-def _load_newest_state(spec: TrialSpec, trial_id: str, trainer: Trainer) -> None:
+def _load_newest_state(spec: TrialSpec, trial_id: str, trainer: Trainer) -> bool:
     for path in reversed(state_files(spec.experiment_dir, trial_id)):
         try:
             state = io.load_torch(path)
         except (OSError, RuntimeError, EOFError):
             continue  # removed by a rotation meanwhile
         trainer.load_state_dict(state)
-        return
+        return True
+    return False
+
+
+def _start_after_hint_stage(spec: TrialSpec, trainer: Trainer, sampled: dict) -> None:
+    """Continue from the search's shared hint stage (identical for every T, see tasks.hint_stage_task):
+    the state equals the one this trial would reach itself, but for the sampled values it records."""
+    state = io.load_torch(hint_stage_file(spec.experiment_dir))
+    mine = asdict(trainer.config)
+    differing = [k for k, v in state["config"].items() if k not in sampled and mine.get(k) != v]
+    if differing:
+        raise ValueError(f"the shared hint stage was trained with other settings ({', '.join(differing)})")
+    trainer.load_state_dict({**state, "config": mine})
 
 
 def run_trial(config: dict, spec: TrialSpec, teacher_state: dict | None = None) -> None:
@@ -108,7 +125,8 @@ def run_trial(config: dict, spec: TrialSpec, teacher_state: dict | None = None) 
     data = load_dataset(spec.data, spec.data_dir)
     teacher = teacher_model(teacher_state, data.info) if teacher_state is not None else None
     trainer = Trainer(replace(spec.base, **config), data, teacher, task_device(spec.device))
-    _load_newest_state(spec, trial_id, trainer)
+    if not _load_newest_state(spec, trial_id, trainer) and trainer.hint_epochs and hint_stage_file(spec.experiment_dir).exists():
+        _start_after_hint_stage(spec, trainer, config)
     for metrics in trainer.history:  # idempotent in the ledger; ASHA skips rungs it has recorded
         tune.report(flat_metrics(metrics, data.info.group_names))
 
