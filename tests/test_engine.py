@@ -1,5 +1,6 @@
 import io
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -283,3 +284,30 @@ def test_training_steps_never_wait_for_the_gpu(method, data, teacher):
 
     trainer._train_step = strict_step
     assert math.isfinite(trainer.run_epoch()["train/loss"])
+
+
+def test_continuing_from_the_shared_hint_stage_equals_a_trial_of_its_own(data, teacher, tmp_path):
+    from fairtune.tune.trainable import TrialSpec, _start_after_hint_stage, hint_stage_file
+
+    config = TrainConfig(method="fitnet", epochs=4, batch_size=64, eval_batch_size=100, T=4.0)
+    own = Trainer(config, data, teacher, DEVICE)
+    own.fit()
+
+    shared = Trainer(replace(config, T=2.0), data, teacher, DEVICE)  # the stage is trained with another T
+    while shared.epoch < shared.hint_epochs:
+        shared.run_epoch()
+    hint_stage_file(tmp_path).parent.mkdir(parents=True)
+    torch.save(shared.state_dict(), hint_stage_file(tmp_path))
+    torch.manual_seed(12345)  # the RNG must come from the stage's state, not from here
+    trial = Trainer(config, data, teacher, DEVICE)
+    spec = TrialSpec(config, data.options, "", str(tmp_path), 1)
+    _start_after_hint_stage(spec, trial, {"T": 4.0})
+    assert trial.epoch == config.hint_epochs == 2
+    trial.fit()
+    assert trial.history == own.history
+    for a, b in zip(own.student.state_dict().values(), trial.student.state_dict().values()):
+        assert torch.equal(a, b)
+
+    other = Trainer(replace(config, lr=0.01), data, teacher, DEVICE)
+    with pytest.raises(ValueError, match="other settings .*lr"):
+        _start_after_hint_stage(spec, other, {"T": 4.0})

@@ -1,59 +1,13 @@
 """No config trained twice in a search, and FitNet's hint stage trained once per search: a grid for small
-categorical spaces, repeats told the earlier result, the shared stage bit-exact with a trial's own."""
+categorical spaces, repeats told the earlier result (the shared stage's exactness: tests/test_engine.py)."""
 
 import json
-from dataclasses import asdict, replace
-from pathlib import Path
 
 import pytest
-import torch
 
-from fairtune import io
-from fairtune.engine import Trainer, TrainConfig
-from fairtune.models import build_model
 from fairtune.spaces import SearchSpace
 from fairtune.tune.ledger import Ledger
-from tests.fixtures.synthetic import tiny_splits
-from tests.helpers import assert_search_consistent, epoch_runs, experiment, read_trials
-
-DEVICE = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def data():
-    return tiny_splits(size=16)
-
-
-@pytest.fixture(scope="module")
-def teacher(data):
-    torch.manual_seed(99)
-    return build_model("cnn", data.info.num_classes, 16).eval().requires_grad_(False)
-
-
-def test_continuing_from_the_shared_hint_stage_equals_a_trial_of_its_own(data, teacher, tmp_path):
-    from fairtune.tune.trainable import TrialSpec, _start_after_hint_stage, hint_stage_file
-
-    config = TrainConfig(method="fitnet", epochs=4, batch_size=64, eval_batch_size=100, T=4.0)
-    own = Trainer(config, data, teacher, DEVICE)
-    own.fit()
-
-    shared = Trainer(replace(config, T=2.0), data, teacher, DEVICE)  # the stage is trained with another T
-    while shared.epoch < shared.hint_epochs:
-        shared.run_epoch()
-    io.save_torch(hint_stage_file(tmp_path), shared.state_dict())
-    torch.manual_seed(12345)  # the RNG must come from the stage's state, not from here
-    trial = Trainer(config, data, teacher, DEVICE)
-    spec = TrialSpec(config, data.options, "", str(tmp_path), 1)
-    _start_after_hint_stage(spec, trial, {"T": 4.0})
-    assert trial.epoch == config.hint_epochs == 2
-    trial.fit()
-    assert trial.history == own.history
-    for a, b in zip(own.student.state_dict().values(), trial.student.state_dict().values()):
-        assert torch.equal(a, b)
-
-    other = Trainer(replace(config, lr=0.01), data, teacher, DEVICE)
-    with pytest.raises(ValueError, match="other settings .*lr"):
-        _start_after_hint_stage(spec, other, {"T": 4.0})
+from tests.helpers import assert_search_consistent, epoch_runs, experiment
 
 
 class ScriptedSampler:
