@@ -30,15 +30,16 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-EPOCHS, TRIALS = 3, 4
+EPOCHS, TRIALS = 4, 4
 SEARCH = ["--dataset", "fmnist-s", "--method", "ad", "--epochs", str(EPOCHS), "--num-samples", str(TRIALS),
-          "--objective", "acc", "--grace-period", "1", "--reduction-factor", "4", "--max-concurrent", "2",
+          "--objective", "acc", "--grace-period", "2", "--reduction-factor", "4", "--max-concurrent", "2",
           "--train-size", "200", "--eval-size", "200", "--batch-size", "10", "--cpus-per-trial", "1",
           "--gpus-per-trial", "0"]  # fmt: skip
-# So that ASHA surely stops trials in a tiny search: the first trial (the default) learns, the others' λ
-# keep them at chance accuracy, and ASHA (one rung, at epoch 1, reduction factor 4) stops any trial
-# that reaches it below the best so far.
-AD_SPACE = "method: ad\nparameter: lam\ndistribution: choice\nvalues: [1.0e-4, 10.0, 100.0]\ndefault: 1.0e-4\n"
+# So that ASHA surely stops a trial: the first trial (the default λ) learns, the other λ keep their trials
+# at chance accuracy, and ASHA (one rung, after epoch 2, reduction factor 4) stops any trial that reaches
+# it below the best so far. After one epoch all four can still sit at chance (a tie stops nothing); after
+# two the first is well above. Four values, four trials: the search runs them as a grid, in this order.
+AD_SPACE = "method: ad\nparameter: lam\ndistribution: choice\nvalues: [1.0e-4, 10.0, 30.0, 100.0]\ndefault: 1.0e-4\n"
 KILLS = 3
 
 

@@ -59,24 +59,20 @@ def test_a_malicious_teacher_file_is_refused_and_runs_nothing(command, fmnist_di
     assert snapshot(results) == before
 
 
-def test_a_malicious_trial_checkpoint_is_refused_and_runs_nothing(fmnist_dir, tmp_path, monkeypatch):
+def test_a_malicious_trial_state_is_refused_and_runs_nothing(fmnist_dir, tmp_path, monkeypatch):
     """The trainable's restore path (a retried or resumed trial), driven without Ray: Tune's session is faked."""
-    checkpoint, marker = tmp_path / "checkpoint_000000", tmp_path / "pwned"
-    write_malicious(checkpoint / trainable.STATE_FILE, marker, lambda evil: {"epoch": 1, "student": evil})
-    session = SimpleNamespace(
-        get_context=lambda: SimpleNamespace(get_trial_id=lambda: "evil0001"),
-        get_checkpoint=lambda: SimpleNamespace(as_directory=lambda: contextlib.nullcontext(str(checkpoint))),
-        report=lambda *args, **kwargs: pytest.fail("the trial ran an epoch from a refused checkpoint"),
-    )
+    marker = tmp_path / "pwned"
+    write_malicious(trainable.trial_folder(tmp_path, "t000") / "state-0001.pt", marker, lambda evil: {"epoch": 1, "student": evil})
+    session = SimpleNamespace(report=lambda *args, **kwargs: pytest.fail("the trial ran an epoch from a refused state"))
     monkeypatch.setattr(trainable, "tune", session)
     spec = trainable.TrialSpec(
         base=TrainConfig("ss", epochs=1, batch_size=40), data=DataOptions("fmnist-s", train_size=200, eval_size=200),
-        data_dir=str(fmnist_dir), log_dir=str(tmp_path), cpus=1, device="cpu",
+        data_dir=str(fmnist_dir), experiment_dir=str(tmp_path), cpus=1, device="cpu",
     )
     threads = torch.get_num_threads()
     try:
         with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-            trainable.run_trial({}, spec)
+            trainable.run_trial({"fairtune_trial": "t000"}, spec)
     finally:
         torch.set_num_threads(threads)  # run_trial sets the trial's thread count on this process
     assert not marker.exists()
