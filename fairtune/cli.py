@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -100,6 +102,7 @@ def build_parser() -> Parser:
     train.add_argument("--lam", type=float, default=None, help="the method's strength λ")
     train.add_argument("--distill-lam", type=float, default=None, help="λ of the distillation term in ad+at / ad+nst")
     train.add_argument("--adv-lr", type=_positive_float, default=3e-3, help="adversaries' Adam lr (AD methods)")
+    train.add_argument("--force", action="store_true", help="rerun a run whose result is already on disk")
 
     search = commands.add_parser("search", help="Ray Tune search of a method's hyperparameter (Optuna TPE + ASHA)")
     search.add_argument("--method", required=True, help="e.g. hkd, mfd, ad+fitnet (see `fairtune list`)")
@@ -170,13 +173,47 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spaces_dir(args: argparse.Namespace) -> Path:
+def _spaces_dir(args: argparse.Namespace, method: str | None = None) -> Path:
+    """The search-space folder; a folder of the user's must hold <method>.yaml files only, and a method
+    it has no file for is said to use the standard space (a typo must not pass unnoticed)."""
+    from fairtune.methods import get_method
     from fairtune.spaces import SPACES_DIR
 
     folder = args.search_spaces or SPACES_DIR
     if not folder.is_dir():
         raise UserError(f"--search-spaces {folder} is not a folder; point it at a folder of <method>.yaml files")
+    if args.search_spaces is None:
+        return folder
+    names = sorted(path.stem for path in folder.glob("*.yaml"))
+    if not names:
+        raise UserError(f"--search-spaces {folder} holds no <method>.yaml file; add one (e.g. a copy of {SPACES_DIR / 'mfd.yaml'}) or omit the flag")
+    for name in names:
+        try:
+            get_method(name)
+        except UserError as exc:
+            raise UserError(f"--search-spaces {folder}: {name}.yaml names no method ({exc}); rename it to <method>.yaml") from None
+    if method is not None and method not in names and get_method(method).searched:
+        print(f"note: no {method}.yaml in {folder}: {method} uses the standard search space", flush=True)
     return folder
+
+
+def _load_data(args: argparse.Namespace, seed: int, notes: bool = True):
+    """The dataset for ``seed``; prints what was used instead of what was asked (clamped sizes, the
+    system's Fashion-MNIST) so nothing is substituted silently."""
+    from fairtune.data import load_dataset
+
+    data = load_dataset(_data_options(args, seed), args.data_dir)
+    if notes:
+        for note in [*data.notes.get("clamped", []), data.notes.get("fallback")]:
+            if note:
+                print(f"note: {note}", flush=True)
+    return data
+
+
+def _check_results_dir(args: argparse.Namespace, dataset: str) -> None:
+    from fairtune.io import check_writable
+
+    check_writable(Path(args.results_dir) / dataset)
 
 
 def _data_options(args: argparse.Namespace, seed: int):
@@ -245,28 +282,33 @@ def _train_config(args: argparse.Namespace, method: str, hyper: dict[str, float]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fairtune.data import load_dataset
     from fairtune.methods import get_method
-    from fairtune.runs import resolve_hyperparameters, run_method, write_run
+    from fairtune.runs import check_batches, resolve_hyperparameters, run_method, train_run_path, write_run
     from fairtune.teachers import load_teacher, teacher_paths
 
     method = get_method(args.method)
     given = {"T": args.T, "lam": args.lam, "distill_lam": args.distill_lam}
-    hyper = resolve_hyperparameters(method.name, args.dataset, given, args.results_dir, _spaces_dir(args))
+    hyper = resolve_hyperparameters(method.name, args.dataset, given, args.results_dir, _spaces_dir(args, method.name))
+    _check_results_dir(args, args.dataset)
+    config = _train_config(args, method.name, hyper)
+    options = _data_options(args, args.seed)
+    out = train_run_path(args.results_dir, config, options)
+    if out.exists() and not args.force:
+        raise UserError(f"{out} already holds this run (same method, hyperparameters, data and protocol); pass --force to rerun it")
     device = _setup(args)
-    data = load_dataset(_data_options(args, args.seed), args.data_dir)
+    data = _load_data(args, args.seed)
+    check_batches([method.name], args.batch_size, data)
     teacher = None
     if method.needs_teacher:
         teacher = load_teacher(teacher_paths(args.results_dir, args.dataset, args.seed), data)
-    config = _train_config(args, method.name, hyper)
     shown = ", ".join(f"{k}={v:g}" for k, v in hyper.items()) or "no hyperparameters"
+    source = f"; data from {data.notes['source_dir']}" if data.notes.get("source_dir") else ""
     print(
         f"{method.name} on {args.dataset} seed {args.seed} ({shown}); train {len(data.train)}, "
-        f"{data.options.select_on} {len(data.selection)}, test {len(data.test)} samples; device {device}",
+        f"{data.options.select_on} {len(data.selection)}, test {len(data.test)} samples{source}; device {device}",
         flush=True,
     )
     result = run_method(config, data, teacher, device, _print_epoch(config.total_epochs))
-    out = args.results_dir / args.dataset / "train" / method.name / f"seed{args.seed}.json"
     write_run(out, config, data, result, device)
     _print_test(result.test)
     print(f"{result.seconds_per_epoch:.1f} s/epoch; wrote {out}")
@@ -276,19 +318,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_teacher(args: argparse.Namespace) -> int:
     import json
 
-    from fairtune.data import load_dataset
-    from fairtune.runs import ensure_teacher
+    from fairtune.runs import check_batches, ensure_teacher
     from fairtune.teachers import load_teacher, teacher_paths
 
+    _check_results_dir(args, args.dataset)
     device = _setup(args)
     base = _train_config(args, "scratch", {})
-    for seed in args.seeds:
+    for i, seed in enumerate(args.seeds):
         record = teacher_paths(args.results_dir, args.dataset, seed)
-        data = load_dataset(_data_options(args, seed), args.data_dir)
+        data = _load_data(args, seed, notes=i == 0)
         if record.weights.exists() and not args.force:
             load_teacher(record, data)  # refuses a mismatched file with the fix to apply
             print(f"seed {seed}: teacher already at {record.weights} (--force retrains)")
             continue
+        check_batches(["scratch"], args.batch_size, data)
         print(f"seed {seed}: training teacher on {args.dataset} ({len(data.train)} train samples, device {device})", flush=True)
         ensure_teacher(data, args.results_dir, base, device, force=True, on_epoch=_print_epoch(args.epochs, f"seed {seed} "))
         test = json.loads(record.metrics.read_text())["test"]
@@ -306,17 +349,28 @@ def cmd_search(args: argparse.Namespace) -> int:
     method = get_method(args.method)
     if method.searched == "T" and args.T is not None:
         raise UserError(f"{method.name} searches T; drop --T (the search space is search_spaces/{method.name}.yaml)")
+    if args.grace_period is not None and args.grace_period > args.epochs:
+        raise UserError(f"--grace-period {args.grace_period} is more than the {args.epochs} epochs; use at most {args.epochs}, or omit it for E/10")
+    spaces_dir = _spaces_dir(args, method.name)
     given = {"T": args.T, "distill_lam": args.distill_lam}
-    hyper = resolve_hyperparameters(method.name, args.dataset, given, args.results_dir, _spaces_dir(args))
+    hyper = resolve_hyperparameters(method.name, args.dataset, given, args.results_dir, spaces_dir)
     if method.searched:
         hyper.pop(method.searched)
+    _check_results_dir(args, args.dataset)
+    folder = (Path(args.results_dir) / args.dataset / "search" / method.name).resolve()
+    if args.resume and not folder.exists():
+        raise UserError(f"--resume: there is no search of {method.name} in {folder} to resume; drop --resume to start one")
     _setup_threads(args)
 
-    from fairtune.data import default_data_dir, load_dataset
+    from fairtune.data import default_data_dir
+    from fairtune.runs import check_batches
+    from fairtune.teachers import teacher_paths
     from fairtune.tune.search import SearchSettings, run_search
 
     options = _data_options(args, args.seed)
-    load_dataset(options, args.data_dir)  # fail fast, with the one-line message, on missing data
+    data = _load_data(args, args.seed)  # fail fast, with the one-line message, on missing data
+    untrained_teacher = method.needs_teacher and not teacher_paths(args.results_dir, args.dataset, args.seed).weights.exists()
+    check_batches([method.name] + ["scratch"] * untrained_teacher, args.batch_size, data)
     gpus = _gpus_per_trial(args)
     settings = SearchSettings(
         base=_train_config(args, method.name, hyper), data=options,
@@ -324,13 +378,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         num_samples=args.num_samples, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
         max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
         max_failures=args.max_failures, resume=args.resume, address=args.address, device=args.device,
-        spaces_dir=_spaces_dir(args),
+        spaces_dir=spaces_dir,
     )
     fixed = ", ".join(f"{k}={v:g}" for k, v in hyper.items())
     print(
         f"search {method.name} on {args.dataset}: {method.searched or 'nothing'} searched"
         f"{f' ({fixed} fixed)' if fixed else ''}, {args.num_samples if method.searched else 1} trials x "
-        f"up to {settings.base.total_epochs} epochs, objective {args.objective}; experiment in {settings.experiment_dir}",
+        f"up to {settings.base.total_epochs} epochs, objective {args.objective}; data from "
+        f"{data.notes.get('source_dir', args.data_dir or default_data_dir())}; experiment in {settings.experiment_dir}",
         flush=True,
     )
     from fairtune.tune.search import SearchInterrupted
@@ -367,7 +422,7 @@ def _print_search_summary(best: dict, settings) -> None:
         f"{budget['failed_trials']} failed trial(s), {budget['seconds']:.0f} s"
     )
     print(f"wrote {folder / 'best.json'} and {folder / 'trials.csv'}")
-    print(f"curves: tensorboard --logdir {Path(settings.results_dir) / settings.data.dataset}")
+    print(f"curves: tensorboard --logdir {shlex.quote(str(Path(settings.results_dir) / settings.data.dataset))}")
 
 
 def _gpus_per_trial(args: argparse.Namespace) -> float:
@@ -403,6 +458,7 @@ def cmd_final(args: argparse.Namespace) -> int:
 
     failed = []
     for dataset in _final_datasets(args):
+        _check_results_dir(args, dataset)
         settings = FinalSettings(
             dataset=dataset, results_dir=args.results_dir, data_dir=args.data_dir or default_data_dir(),
             methods=tuple(args.method or ()), seeds=tuple(dict.fromkeys(args.seeds)),
@@ -432,10 +488,11 @@ def _print_report(results_dir: Path, dataset: str) -> None:
     print(f"\n{dataset} (test split; mean ± sample std over seeds):\n")
     print(to_markdown(table))
     print(f"\nwrote {files.markdown}, {files.csv.name}, {files.latex.name}, {files.pareto.name}, {files.bars.name} in {files.markdown.parent}")
-    print(f"curves of the searches: tensorboard --logdir {Path(results_dir) / dataset}")
+    print(f"curves of the searches: tensorboard --logdir {shlex.quote(str(Path(results_dir) / dataset))}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    _check_results_dir(args, args.dataset)
     _print_report(args.results_dir, args.dataset)
     return 0
 
@@ -449,7 +506,13 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed or full stdout fails here, inside the handlers below, not at exit
+        return code
+    except BrokenPipeError:
+        # `fairtune list | head`: the reader took what it wanted. End quietly, as a tool killed by SIGPIPE.
+        _discard_stdout()
+        return 128 + 13
     except UserError as exc:
         print(f"fairtune: error: {exc}", file=sys.stderr)
         return 2
@@ -464,12 +527,28 @@ def main(argv: list[str] | None = None) -> int:
         print("fairtune: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
+        if exc.filename is None and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            # A write through an open stream (standard output, or a file being saved) failed: the same
+            # fault of the machine as above, without a name to give.
+            _discard_stdout()
+            print(f"fairtune: error: a write failed ({exc.strerror}); free space where the output or --results-dir goes, and rerun", file=sys.stderr)
+            return 1
         if exc.filename is None:
             raise
         # The machine, not the user: a full disk, a read-only or vanished folder. Writes are atomic,
         # so what was written before stays whole.
         print(f"fairtune: error: cannot access {exc.filename} ({exc.strerror}); free space or fix permissions and rerun", file=sys.stderr)
         return 1
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no usable stdout at all: nothing left to flush
+        pass
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from fairtune import io
 from fairtune.engine import training_protocol
 from fairtune.errors import UserError
 from fairtune.methods import get_method, in_paper_order
+from fairtune.records import BEST_CONFIG_VAL, FINAL_RUN, read_record
 
 METRICS = ("accuracy", "deo_a", "deo_m")
 METRIC_LABELS = {"accuracy": "Accuracy", "deo_a": "DEO_A", "deo_m": "DEO_M"}
@@ -49,7 +50,8 @@ def load_final_runs(results_dir: Path, dataset: str) -> pd.DataFrame:
     the training settings that change what it learns and its data settings but the seed (JSON)."""
     rows = []
     for path in sorted((Path(results_dir) / dataset / "final").glob("*/seed*.json")):
-        record = json.loads(path.read_text())
+        redo = f"rerun it with `fairtune final --dataset {dataset} --method {path.parent.name} --seeds {path.stem[4:]} --force`, or delete the file"
+        record = read_record(path, FINAL_RUN, redo)
         data = {k: v for k, v in (record.get("data") or {}).items() if k != "seed"}
         rows.append(
             {
@@ -239,7 +241,8 @@ def plot_pareto(results_dir: Path, dataset: str, table: pd.DataFrame) -> bytes:
         colour = colours[row["method"]]
         best_path = Path(results_dir) / dataset / "search" / row["method"] / "best.json"
         if best_path.exists():
-            val = json.loads(best_path.read_text())["val"]
+            redo = f"rerun `fairtune search --method {row['method']} --dataset {dataset}`, or delete the file"
+            val = read_record(best_path, BEST_CONFIG_VAL, redo)["val"]
             axis.scatter(val["deo_a"], val["accuracy"], marker="*", s=170, color=colour, edgecolor="black", lw=0.6, zorder=3)
         axis.errorbar(
             row["deo_a_mean"], row["accuracy_mean"], xerr=np.nan_to_num(row["deo_a_std"]), yerr=np.nan_to_num(row["accuracy_std"]),
@@ -282,9 +285,10 @@ def write_report(results_dir: Path, dataset: str) -> tuple[pd.DataFrame, ReportF
     """Tables and plots from disk; every file written atomically."""
     table = summarize(load_final_runs(results_dir, dataset), dataset)
     files = report_files(results_dir, dataset)
+    pareto = plot_pareto(results_dir, dataset, table)  # reads best.json files: a bad one stops it before any write
     io.write_text(files.markdown, to_markdown(table) + "\n")
     io.write_text(files.csv, to_csv(table))
     io.write_text(files.latex, to_latex(table))
-    io.write_bytes(files.pareto, plot_pareto(results_dir, dataset, table))
+    io.write_bytes(files.pareto, pareto)
     io.write_bytes(files.bars, plot_bars(table, dataset))
     return table, files

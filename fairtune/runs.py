@@ -4,6 +4,7 @@ these; the CLI's ``train`` and ``teacher`` commands call them directly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -14,10 +15,11 @@ from typing import Callable
 import torch
 
 from fairtune import io
-from fairtune.data import DatasetSplits
+from fairtune.data import DataOptions, DatasetSplits
 from fairtune.engine import Trainer, TrainConfig
 from fairtune.errors import UserError
 from fairtune.methods import get_method
+from fairtune.records import BEST_CONFIG, read_record
 from fairtune.spaces import SPACES_DIR, load_space
 from fairtune.teachers import load_teacher, save_teacher, teacher_identity, teacher_paths
 
@@ -57,9 +59,36 @@ def resolve_hyperparameters(
                 f"{method.name} needs {param} from the best {source} config ({path} is missing); "
                 f"run `fairtune search --method {source} --dataset {dataset}` or pass {PARAM_FLAGS[param]}"
             )
-        best = json.loads(path.read_text())
-        values[param] = float(best["hyperparameters"][get_method(source).searched])
+        searched = get_method(source).searched
+        redo = f"rerun `fairtune search --method {source} --dataset {dataset}` or pass {PARAM_FLAGS[param]}"
+        best = read_record(path, BEST_CONFIG, redo)
+        if searched not in best["hyperparameters"]:
+            raise UserError(f"{path} has no hyperparameters.{searched}; {redo}")
+        values[param] = float(best["hyperparameters"][searched])
     return values
+
+
+def check_batches(methods: list[str], batch_size: int, data: DatasetSplits) -> None:
+    """Refuse a batch size the training split cannot fill with ``methods``' samplers before anything
+    runs: otherwise every epoch of every run (every trial and retry of a search) fails the same way."""
+    info, train = data.info, data.train
+    cells = info.num_classes * info.num_groups
+    size = f" (--train-size {data.options.train_size})" if data.options.train_size else ""
+    for name in methods:
+        if get_method(name).sampler == "balanced":
+            largest = int(train.cell_counts(info.num_classes, info.num_groups).max())
+            most = (largest + 1) * cells - 1  # above it, a cell's share of a batch exceeds its largest cell
+            if not cells <= batch_size <= most:
+                raise UserError(
+                    f"--batch-size {batch_size} does not fit {name}'s balanced batches on {info.name}: each takes "
+                    f"floor(B / {cells}) samples of every (class, group) cell, and the largest cell holds {largest} "
+                    f"training samples{size}; use a --batch-size from {cells} to {most}"
+                )
+        elif batch_size > len(train):
+            raise UserError(
+                f"--batch-size {batch_size} is more than the {len(train)} training samples of {info.name}{size}, so "
+                f"{name} has no full batch to train on; use a --batch-size of at most {len(train)} or a larger --train-size"
+            )
 
 
 @dataclass(frozen=True)
@@ -130,6 +159,16 @@ def run_record(config: TrainConfig, data: DatasetSplits, result: RunResult, devi
     }
 
 
+def train_run_path(results_dir: Path, config: TrainConfig, options: DataOptions) -> Path:
+    """Where `fairtune train` keeps a run: ``train/<method>/<run>/seed<k>.json``, ``<run>`` being the
+    hyperparameters and a digest of every other setting (protocol, data, sizes). Runs that differ in
+    anything but the seed never overwrite each other; the seeds of one setting share a folder."""
+    hyper = "_".join(f"{name}{value:g}" for name, value in config.hyperparameters().items()) or "run"
+    settings = {"train": asdict(config), "data": {k: v for k, v in options.fingerprint().items() if k != "seed"}}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(results_dir) / options.dataset / "train" / config.method / f"{hyper}-{digest}" / f"seed{options.seed}.json"
+
+
 def write_run(path: Path, config: TrainConfig, data: DatasetSplits, result: RunResult, device: torch.device) -> None:
     io.write_json(path, run_record(config, data, result, device))
 
@@ -137,9 +176,11 @@ def write_run(path: Path, config: TrainConfig, data: DatasetSplits, result: RunR
 __all__ = [
     "RunResult",
     "best_config_path",
+    "check_batches",
     "ensure_teacher",
     "resolve_hyperparameters",
     "run_method",
     "run_record",
+    "train_run_path",
     "write_run",
 ]

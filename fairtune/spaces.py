@@ -21,6 +21,7 @@ SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 KEYS = {"method", "parameter", "distribution", "values", "low", "high", "paper", "default", "fixed"}
 T_VALUES = (1, 2, 3, 4, 5, 10, 20)
 LAM_RANGE = (1e-4, 1e2)
+_MISSING = object()  # a key absent from the file, told apart from one written as null
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,22 @@ def parse_space(raw: object, method: str, path: Path | str = "<space>") -> Searc
     def bad(key: str, why: str) -> UserError:
         return UserError(f"{path}: key '{key}' {why}")
 
+    def absent(key: str, what: str) -> UserError:
+        return UserError(f"{path}: key '{key}' is missing; add it: {what}")
+
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of {', '.join(sorted(KEYS))}")
     unknown = set(raw) - KEYS
     if unknown:
         raise bad(sorted(map(str, unknown))[0], f"is not known; valid keys: {', '.join(sorted(KEYS))}")
+    if "method" not in raw:
+        raise absent("method", f"method: {method}")
     if raw.get("method") != method:
         raise bad("method", f"is {raw.get('method')!r} but the file is for '{method}'")
     expected = get_method(method).searched
     parameter = raw.get("parameter")
+    if "parameter" not in raw and expected is not None:
+        raise absent("parameter", f"parameter: {expected}")
     if parameter != expected:
         raise bad("parameter", f"is {parameter!r}; method {method} searches {expected!r}")
     fixed = raw.get("fixed") or {}
@@ -93,7 +101,9 @@ def parse_space(raw: object, method: str, path: Path | str = "<space>") -> Searc
             raise bad(sorted(extra)[0], f"makes no sense: {method} has nothing to search")
         return SearchSpace(method, None, fixed=fixed)
 
-    def number(key: str, value: object) -> float:
+    def number(key: str, value: object = _MISSING) -> float:
+        if value is _MISSING:
+            raise absent(key, "a positive finite number")
         try:
             finite = isinstance(value, (int, float)) and math.isfinite(value)
         except OverflowError:  # YAML reads 1000…0 as an int of any size; no float holds it
@@ -103,8 +113,12 @@ def parse_space(raw: object, method: str, path: Path | str = "<space>") -> Searc
             raise bad(key, f"must be a positive finite number, got {value!r}{hint}")
         return float(value)
 
+    if "distribution" not in raw:
+        raise absent("distribution", "choice or loguniform")
     distribution = raw.get("distribution")
     if distribution == "choice":
+        if "values" not in raw:
+            raise absent("values", "a non-empty list of the values to try")
         values = raw.get("values")
         if not isinstance(values, list) or not values:
             raise bad("values", "must be a non-empty list for distribution 'choice'")
@@ -112,7 +126,7 @@ def parse_space(raw: object, method: str, path: Path | str = "<space>") -> Searc
         low = high = None
         allowed = lambda v: v in values  # noqa: E731
     elif distribution == "loguniform":
-        low, high = number("low", raw.get("low")), number("high", raw.get("high"))
+        low, high = number("low", raw.get("low", _MISSING)), number("high", raw.get("high", _MISSING))
         if low >= high:
             raise bad("low", f"must be below high ({low} >= {high})")
         values = ()
@@ -128,7 +142,7 @@ def parse_space(raw: object, method: str, path: Path | str = "<space>") -> Searc
         if name not in DATASETS:
             raise bad(f"paper.{name}", f"names no dataset; valid: {', '.join(DATASETS)}")
     paper = {str(k): number(f"paper.{k}", v) for k, v in paper.items()}
-    default = number("default", raw.get("default"))
+    default = number("default", raw.get("default", _MISSING))
     for key, value in [*((f"paper.{k}", v) for k, v in paper.items()), ("default", default)]:
         if not allowed(value):
             raise bad(key, f"value {value} lies outside the searched space")

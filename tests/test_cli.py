@@ -103,7 +103,8 @@ def test_teacher_then_student_end_to_end(fmnist_dir, tmp_path, capsys):
     code, out, err = run(capsys, "train", "--method", "mfd", "--lam", "3", *common)
     assert code == 0, err
     assert "epoch   1/1" in out and "mfd" in out
-    record = json.loads((results / "fmnist-s" / "train" / "mfd" / "seed0.json").read_text())
+    [run_file] = (results / "fmnist-s" / "train" / "mfd").glob("lam3-*/seed0.json")  # one folder per setting
+    record = json.loads(run_file.read_text())
     assert record["hyperparameters"] == {"lam": 3.0}
     assert record["epochs_run"] == 1 and len(record["history"]) == 1
     test = record["test"]

@@ -43,14 +43,35 @@ def dataset_info(options: DataOptions) -> DatasetInfo:
 
 
 def load_dataset(options: DataOptions, data_dir: Path | str | None = None) -> DatasetSplits:
+    """The dataset's splits, subsampled to the requested sizes.
+
+    Options the dataset has no use for are refused rather than ignored; a size above what a split
+    holds keeps the whole split and says so in ``notes["clamped"]`` (one line each, for the CLI)."""
     module = dataset_module(options.dataset)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"data dir {data_dir} is a file, not a folder; point --data-dir (or FAIRTUNE_DATA) at the folder holding the datasets")
+    # Only the colour-skewed datasets have a skew, only CelebA a choice of target attribute.
+    for flag, value, needed in (("--skew", options.skew, "DEFAULT_SKEW"), ("--target", options.target, "DEFAULT_TARGET")):
+        if value is not None and not hasattr(module, needed):
+            users = ", ".join(name for name, m in DATASETS.items() if hasattr(m, needed))
+            raise UserError(f"{flag} applies to {users} only, not {options.dataset}; drop {flag}")
     splits = module.load(data_dir, options)
     info = splits.info
     c, g = info.num_classes, info.num_groups
     for name, size in (("train-size", options.train_size), ("eval-size", options.eval_size)):
         if size is not None and size < c * g:
             raise UserError(f"--{name} {size} is below the {c * g} (class, group) cells of {info.name}; use at least {c * g}")
+    clamped = [
+        f"--{flag} {size} exceeds the {len(split)} {what} samples of {info.name}: all {len(split)} are used"
+        for flag, size, what, split in (
+            ("train-size", options.train_size, "training", splits.train),
+            ("eval-size", options.eval_size, "validation", splits.val),
+            ("eval-size", options.eval_size, "test", splits.test),
+        )
+        if size is not None and size > len(split)
+    ]
+    splits.notes["clamped"] = clamped
     splits.train = stratified_subsample(splits.train, options.train_size, c, g, seed=options.seed)
     # Train per (class, group) cell; val and test by source image where gray and colour are paired.
     splits.val = eval_subsample(splits.val, options.eval_size, c, g, seed=EVAL_SUBSAMPLE_SEED)

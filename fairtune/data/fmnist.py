@@ -61,8 +61,12 @@ def info(options: DataOptions) -> DatasetInfo:
     )
 
 
+def _own_dirs(data_dir: Path) -> tuple[Path, ...]:
+    return (Path(data_dir) / "fashion-mnist", Path(data_dir) / "FashionMNIST" / "raw")
+
+
 def _candidate_dirs(data_dir: Path) -> tuple[Path, ...]:
-    return (Path(data_dir) / "fashion-mnist", Path(data_dir) / "FashionMNIST" / "raw", *SYSTEM_DIRS)
+    return (*_own_dirs(data_dir), *SYSTEM_DIRS)
 
 
 def _find_file(folder: Path, name: str) -> Path | None:
@@ -136,6 +140,12 @@ def tint(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def load(data_dir: Path, options: DataOptions, *, val_per_class: int | None = None) -> DatasetSplits:
     """Read the IDX files and build the skewed splits (``fairtune.data.skewed``)."""
+    own = _own_dirs(data_dir)
+    for candidate in own:
+        # Some files but not all: a download that stopped. The system copy is not what was meant.
+        missing = [name for name in FILES.values() if _find_file(candidate, name) is None]
+        if 0 < len(missing) < len(FILES):
+            raise UserError(f"{candidate} lacks {', '.join(missing)} (a partial download?); add them (.gz or not) or remove the folder")
     folder = locate(data_dir)
     if folder is None:
         looked = ", ".join(str(d) for d in _candidate_dirs(data_dir))
@@ -156,6 +166,7 @@ def load(data_dir: Path, options: DataOptions, *, val_per_class: int | None = No
         render_color=tint,
         val_per_class=val_per_class,
     )
-    return DatasetSplits(
-        info=info(options), options=options, train=train, val=val, test=test, notes={"source_dir": str(folder), "skew": skew}
-    )
+    notes = {"source_dir": str(folder), "skew": skew}
+    if folder not in own:
+        notes["fallback"] = f"no Fashion-MNIST under data dir {data_dir}: using the system copy in {folder}"
+    return DatasetSplits(info=info(options), options=options, train=train, val=val, test=test, notes=notes)

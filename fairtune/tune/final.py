@@ -24,7 +24,8 @@ from fairtune.data import DataOptions, dataset_info, load_dataset
 from fairtune.engine import TrainConfig, training_protocol
 from fairtune.errors import UserError
 from fairtune.methods import get_method, in_paper_order
-from fairtune.runs import best_config_path
+from fairtune.records import ANY_RECORD, BEST_CONFIG, problem, read_record
+from fairtune.runs import best_config_path, check_batches
 from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
 
 Printer = Callable[[str], None]
@@ -88,10 +89,8 @@ def _read_best(results_dir: Path, dataset: str, method: str) -> dict | None:
     path = best_config_path(results_dir, dataset, method)
     if not path.exists():
         return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path} ({type(exc).__name__}); rerun the search for {method} or delete the file") from None
+    redo = f"rerun `fairtune search --method {method} --dataset {dataset}`, or delete the file"
+    return read_record(path, BEST_CONFIG, redo)
 
 
 def chosen_methods(settings: FinalSettings) -> list[str]:
@@ -169,10 +168,10 @@ def plan_final(settings: FinalSettings) -> FinalPlan:
         for seed in settings.seeds:
             path = final_path(settings.results_dir, settings.dataset, name, seed)
             if path.exists() and not settings.force:
-                try:
-                    why = _same_run(json.loads(path.read_text()), config, replace(options, seed=seed))
-                except (OSError, ValueError):
-                    why = "unreadable file"
+                record, broken = problem(path, ANY_RECORD)
+                if broken:
+                    raise UserError(f"{path} {broken}; pass --force to rerun the seeds asked for, or delete the file")
+                why = _same_run(record, config, replace(options, seed=seed))
                 if why:
                     raise UserError(f"{path} holds another run ({why}); pass --force to rerun it with the current config")
                 done.append(seed)
@@ -233,7 +232,12 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
     if not plan.runs_todo:
         say("every seed is done already (--force reruns)")
         return failed
-    load_dataset(plan.data, settings.data_dir)  # missing data: one line now, not a failed task later
+    data = load_dataset(plan.data, settings.data_dir)  # missing data: one line now, not a failed task later
+    for note in data.notes.get("clamped", []):
+        say(f"note: {note}")
+    retrain = settings.force and any(job.method == "scratch" for job in plan.jobs)
+    untrained = [s for s in plan.teacher_seeds if retrain or not teacher_paths(settings.results_dir, settings.dataset, s).weights.exists()]
+    check_batches([job.method for job in plan.jobs if job.todo] + ["scratch"] * bool(untrained), plan.jobs[0].config.batch_size, data)
 
     import ray
     from ray.util.queue import Queue

@@ -401,8 +401,6 @@ def _open_ledger(settings: SearchSettings, identity: dict, planned: int, say: Pr
         # Killed before the ledger was first written: nothing ran that could be kept.
         say(f"no search record in {folder}; starting the search afresh")
         shutil.rmtree(folder)
-    elif settings.resume:
-        say(f"no search to resume in {folder}; starting it")
     folder.mkdir(parents=True)
     return Ledger.create(folder, identity)
 

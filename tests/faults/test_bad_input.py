@@ -28,6 +28,8 @@ from fairtune.teachers import save_teacher, teacher_identity, teacher_paths
 from fairtune.tune.ledger import Ledger
 from tests.fixtures.cifar import write_cifar10
 from tests.fixtures.faces import write_celeba, write_utkface
+from tests.fixtures.idx import write_fashion_mnist
+from tests.fixtures.results import write_best_config, write_final_run
 from tests.helpers import assert_one_line_error, snapshot
 
 CLI_EXAMPLES = 600
@@ -76,9 +78,67 @@ def world(tmp_path_factory, fmnist_dir) -> dict[str, Path]:
     Ledger.create(existing, {"num_samples": 1})  # a search's record, as the driver writes it first
     (existing / "best.json").write_text('{"hyperparameters": {"lam": 1.0}}')
     (root / "cwd").mkdir()
-    return {"root": root, "fmnist": fmnist_dir, "cifar": root / "cifar_truncated", "utk": root / "utk_corrupt",
-            "celeba": root / "celeba_corrupt", "spaces_bad": spaces, "results": results, "cwd": root / "cwd",
-            "nowhere": root / "nowhere"}
+    places = {"root": root, "fmnist": fmnist_dir, "cifar": root / "cifar_truncated", "utk": root / "utk_corrupt",
+              "celeba": root / "celeba_corrupt", "spaces_bad": spaces, "results": results, "cwd": root / "cwd",
+              "nowhere": root / "nowhere"}
+    return {**places, **files_on_disk(root, fmnist_dir)}
+
+
+def files_on_disk(root: Path, fmnist_dir: Path) -> dict[str, Path]:
+    """Folders and files with one defect each for the issue-16 rows: results folders holding corrupt
+    records, a file where a folder belongs, partial data, search-space folders a user got wrong."""
+    places = {"a_file": root / "a_file.txt"}
+    places["a_file"].write_text("not a folder\n")
+
+    corrupt_best = root / "results_corrupt_best"  # report: a final table to build, a best.json cut short
+    write_final_run(corrupt_best, "mfd", 0, {"lam": 1.0})
+    best = write_best_config(corrupt_best, "mfd", {"lam": 1.0})
+    best.write_text(best.read_text()[:40])
+    places["results_corrupt_best"] = corrupt_best
+
+    seed_missing_keys = root / "results_seed_missing_keys"
+    write_final_run(seed_missing_keys, "mfd", 0, {"lam": 1.0})
+    write_final_run(seed_missing_keys, "mfd", 1, {"lam": 1.0}).write_text('{"seed": 1, "test": {"accuracy": 70.0}}')
+    places["results_seed_missing_keys"] = seed_missing_keys
+
+    seed_garbage = root / "results_seed_garbage"
+    write_final_run(seed_garbage, "ss", 0).write_bytes(b"\x00\x9c garbage, not JSON")
+    places["results_seed_garbage"] = seed_garbage
+
+    best_without_hyper = root / "results_best_without_hyperparameters"
+    path = write_best_config(best_without_hyper, "mfd", {"lam": 1.0})
+    path.write_text('{"method": "mfd", "val": {"accuracy": 70.0, "deo_a": 5.0}}')
+    write_best_config(best_without_hyper, "hkd", {})  # ad+hkd's T: the searched value is not there
+    places["results_best_without_hyperparameters"] = best_without_hyper
+
+    partial = root / "fmnist_partial"  # two of the four IDX files: a download that stopped
+    (partial / "fashion-mnist").mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (partial / "fashion-mnist" / name).write_bytes((fmnist_dir / "fashion-mnist" / name).read_bytes())
+    places["fmnist_partial"] = partial
+
+    for name, files in (("spaces_empty", {}), ("spaces_typo", {"mdf.yaml": (SPACES_DIR / "mfd.yaml").read_text()}),
+                        ("spaces_missing_key", {"mfd.yaml": "method: mfd\nparameter: lam\nlow: 1.0e-4\nhigh: 100.0\ndefault: 1.0\n"})):
+        folder = root / name
+        folder.mkdir()
+        for file_name, text in files.items():
+            (folder / file_name).write_text(text)
+        places[name] = folder
+    return places
+
+
+def unwritable_folder(root: Path) -> Path:
+    """A folder nobody may write in: a read-only one, or (root ignores permissions) sysfs's top."""
+    import os
+
+    if os.geteuid() != 0:
+        folder = root / "read_only"
+        folder.mkdir(exist_ok=True)
+        folder.chmod(0o555)
+        return folder
+    if not Path("/sys").is_dir():
+        pytest.skip("running as root without /sys: no folder here refuses writes")
+    return Path("/sys")
 
 
 @pytest.fixture()
@@ -133,6 +193,62 @@ TABLE = [
     ("device-unsupported", ["train", "--method", "ss", *FM, "--device", "meta"], ["--device", "auto, cpu or cuda"]),
     ("device-unknown-backend", ["teacher", *FM, "--device", "hpu"], ["--device", "auto, cpu or cuda"]),
     ("threads-overflow", ["train", "--method", "ss", *FM, "--threads", "9" * 30], ["--threads", "at most"]),
+    # Issue 16. 1: batches the training split cannot fill, refused before anything trains.
+    ("train-size-below-batch", ["train", "--method", "scratch", *FM, "--train-size", "100", "--eval-size", "200"],
+     ["--batch-size 128 is more than the 100 training samples", "use a --batch-size of at most 100"]),
+    ("batch-size-above-train", ["train", "--method", "scratch", *FM, "--batch-size", "100000", "--eval-size", "200"],
+     ["--batch-size 100000 is more than the 200 training samples", "at most 200"]),
+    ("balanced-batch-above-cells", ["train", "--method", "ss", *FM, "--batch-size", "100000", "--eval-size", "200"],
+     ["--batch-size 100000 does not fit ss's balanced batches", "use a --batch-size from 20 to"]),
+    ("balanced-batch-below-cells", ["train", "--method", "ss", *FM, *TINY, "--batch-size", "10"],
+     ["--batch-size 10 does not fit ss's balanced batches", "from 20 to"]),
+    ("search-train-size-below-batch", ["search", "--method", "ad", *FM, "--train-size", "100", "--eval-size", "200", "--epochs", "1",
+     "--gpus-per-trial", "0"], ["--batch-size 128 is more than the 100 training samples", "ad has no full batch"]),
+    ("search-teacher-batch-above-train", ["search", "--method", "mfd", *FM, *TINY, "--batch-size", "300", "--seed", "5",
+     "--gpus-per-trial", "0"], ["--batch-size 300 is more than the 200 training samples", "scratch has no full batch"]),
+    # 2: results folders that cannot take the result, found before training.
+    ("train-results-dir-is-a-file", ["train", "--method", "ss", *FM, *TINY, "--results-dir", "{a_file}"],
+     ["--results-dir", "a_file.txt is a file, not a folder"]),
+    ("train-results-dir-under-a-file", ["train", "--method", "ss", *FM, *TINY, "--results-dir", "{a_file}/results"],
+     ["a_file.txt is a file, not a folder"]),
+    ("train-results-dir-unwritable", ["train", "--method", "ss", *FM, *TINY, "--results-dir", "{unwritable}/results"],
+     ["--results-dir", "cannot write in", "fix its permissions or pass another --results-dir"]),
+    ("teacher-results-dir-is-a-file", ["teacher", *FM, *TINY, "--seeds", "0", "--results-dir", "{a_file}"], ["is a file, not a folder"]),
+    ("search-results-dir-is-a-file", ["search", "--method", "ss", *FM, *TINY, "--results-dir", "{a_file}", "--gpus-per-trial", "0"],
+     ["is a file, not a folder"]),
+    ("final-results-dir-unwritable", ["final", "--dataset", "fmnist-s", "--method", "ss", "--results-dir", "{unwritable}/results"],
+     ["cannot write in"]),
+    # 3: records on disk, validated where they are read.
+    ("report-corrupt-best", ["report", "--dataset", "fmnist-s", "--results-dir", "{results_corrupt_best}"],
+     ["search/mfd/best.json is not JSON", "rerun `fairtune search --method mfd --dataset fmnist-s`, or delete the file"]),
+    ("report-seed-missing-keys", ["report", "--dataset", "fmnist-s", "--results-dir", "{results_seed_missing_keys}"],
+     ["final/mfd/seed1.json is not a valid record (test: 'deo_a' is a required property)", "--seeds 1 --force"]),
+    ("report-seed-garbage", ["report", "--dataset", "fmnist-s", "--results-dir", "{results_seed_garbage}"],
+     ["final/ss/seed0.json is not JSON", "--force`, or delete the file"]),
+    ("final-best-without-hyperparameters", ["final", "--dataset", "fmnist-s", "--method", "mfd", "--results-dir",
+     "{results_best_without_hyperparameters}"], ["mfd/best.json is not a valid record ('hyperparameters' is a required property)",
+     "rerun `fairtune search --method mfd"]),
+    ("train-fixed-T-missing-from-best", ["train", "--method", "ad+hkd", *FM, "--results-dir", "{results_best_without_hyperparameters}"],
+     ["hkd/best.json has no hyperparameters.T", "pass --T"]),
+    # 6: options that were silently ignored or substituted.
+    ("target-on-fmnist-s", ["train", "--method", "ss", *FM, *TINY, "--target", "Smiling"], ["--target applies to celeba only, not fmnist-s", "drop --target"]),
+    ("skew-on-celeba", ["train", "--method", "ss", "--dataset", "celeba", "--data-dir", "{celeba}", "--skew", "0.5"],
+     ["--skew applies to cifar10s, fmnist-s only, not celeba"]),
+    ("grace-period-above-epochs", ["search", "--method", "ss", *FM, *TINY, "--grace-period", "5", "--gpus-per-trial", "0"],
+     ["--grace-period 5 is more than the 1 epochs", "use at most 1"]),
+    ("data-dir-is-a-file", ["train", "--method", "ss", "--dataset", "fmnist-s", "--data-dir", "{a_file}", *TINY], ["is a file, not a folder", "--data-dir"]),
+    ("fmnist-partial-idx", ["train", "--method", "ss", "--dataset", "fmnist-s", "--data-dir", "{fmnist_partial}", *TINY],
+     ["lacks t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte", "add them"]),
+    ("search-spaces-empty", ["train", "--method", "ss", *FM, *TINY, "--search-spaces", "{spaces_empty}"], ["holds no <method>.yaml file"]),
+    ("search-spaces-mistyped-name", ["train", "--method", "ss", *FM, *TINY, "--search-spaces", "{spaces_typo}"],
+     ["mdf.yaml names no method", "rename it to <method>.yaml"]),
+    ("resume-without-a-search", ["search", "--method", "ss", *FM, *TINY, "--resume", "--gpus-per-trial", "0"],
+     ["--resume: there is no search of ss", "drop --resume"]),
+    # 8: wording.
+    ("space-missing-key", ["train", "--method", "mfd", *FM, "--search-spaces", "{spaces_missing_key}"],
+     ["mfd.yaml: key 'distribution' is missing; add it: choice or loguniform"]),
+    ("final-corrupt-seed-file", ["final", "--dataset", "fmnist-s", "--method", "ss", "--seeds", "0", "--results-dir", "{results_seed_garbage}"],
+     ["final/ss/seed0.json is not JSON", "pass --force"]),
 ]
 # Rows that need a cluster to compare against: the session's local Ray (2 CPUs, 1 logical GPU).
 RAY_TABLE = [
@@ -147,8 +263,10 @@ def run_row(world, argv, port, capsys, monkeypatch) -> tuple[int, str, str]:
     monkeypatch.setattr(fmnist, "SYSTEM_DIRS", ())  # "missing" must not find the system's copy
     monkeypatch.chdir(world["cwd"])
     places = {k: str(v) for k, v in world.items()}
+    if any("{unwritable}" in a for a in argv):
+        places["unwritable"] = str(unwritable_folder(world["root"]))
     argv = [a.format(port=port, **places) for a in argv]
-    if argv[0] != "list":
+    if argv[0] != "list" and "--results-dir" not in argv:
         argv += ["--results-dir", places["results"]]
     before = snapshot(world["root"], world["fmnist"])
     code = main(argv)
@@ -343,3 +461,133 @@ def test_fuzzed_search_spaces_are_valid_or_one_user_error(tmp_path):
     print(f"\nhypothesis tried {tried['object valid'] + tried['object refused']} search-space documents: {dict(tried)}")
     assert tried["object valid"] > 0 and tried["object refused"] > 0 and tried["file refused"] > 0
 
+
+
+# ---------------------------------------------------------------- accepted, but said: one line naming what was used
+
+# (id, argv after the common ones, the one note line that must be printed). Each run trains one tiny epoch.
+NOTE_TABLE = [
+    ("train-size-above-the-split", ["--train-size", "99999999"],
+     "note: --train-size 99999999 exceeds the 200 training samples of fmnist-s: all 200 are used"),
+    ("eval-size-above-the-test-split", ["--eval-size", "5000"],
+     "note: --eval-size 5000 exceeds the 400 test samples of fmnist-s: all 400 are used"),
+    ("fmnist-system-copy-for-an-empty-data-dir", ["--data-dir", "{empty}"],
+     "note: no Fashion-MNIST under data dir {empty}: using the system copy in {fmnist}/fashion-mnist"),
+    ("fmnist-system-copy-for-a-missing-data-dir", ["--data-dir", "{empty}/nothing"],
+     "note: no Fashion-MNIST under data dir {empty}/nothing: using the system copy in {fmnist}/fashion-mnist"),
+    ("method-without-a-file-in-search-spaces", ["--search-spaces", "{spaces}"],
+     "note: no ad.yaml in {spaces}: ad uses the standard search space"),
+]
+
+
+@pytest.mark.parametrize("extra, note", [row[1:] for row in NOTE_TABLE], ids=[row[0] for row in NOTE_TABLE])
+def test_substitutions_are_said_in_one_line(fmnist_dir, tmp_path, extra, note, capsys, monkeypatch):
+    """Accepted instead of refused: the run goes on with what exists, and says what it used."""
+    monkeypatch.setattr(fmnist, "SYSTEM_DIRS", (fmnist_dir / "fashion-mnist",))  # "the system copy"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "spaces").mkdir()
+    (tmp_path / "spaces" / "mfd.yaml").write_text((SPACES_DIR / "mfd.yaml").read_text())
+    places = {"empty": tmp_path / "empty", "spaces": tmp_path / "spaces", "fmnist": fmnist_dir}
+    argv = ["train", "--method", "ad", "--lam", "1", "--dataset", "fmnist-s", "--data-dir", str(fmnist_dir), *TINY,
+            "--results-dir", str(tmp_path / "results"), *[a.format(**places) for a in extra]]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert note.format(**places) in out.splitlines(), out
+    assert f"data from {fmnist_dir / 'fashion-mnist'}" in out  # train names the data it used
+
+
+# ---------------------------------------------------------------- what fairtune writes, and where
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_honour_the_umask(tmp_path, umask, mode):
+    """On a shared results folder, others read best.json, tables and teachers as the umask allows."""
+    import os
+
+    from fairtune import io
+
+    previous = os.umask(umask)
+    try:
+        io.write_json(tmp_path / "best.json", {"a": 1})
+        io.write_text(tmp_path / "table.md", "| a |\n")
+        io.save_torch(tmp_path / "seed0.pt", {"w": 1})
+    finally:
+        os.umask(previous)
+    for name in ("best.json", "table.md", "seed0.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_train_keeps_runs_with_other_settings_apart(fmnist_dir, tmp_path, capsys, monkeypatch):
+    """train/<method>/<hyperparameters>-<digest of the other settings>/seed<k>.json; the same run again
+    is refused without --force, so no run overwrites another."""
+    monkeypatch.setattr(fmnist, "SYSTEM_DIRS", ())
+    results = tmp_path / "results"
+
+    def train(*extra):
+        code = main(["train", "--method", "ad", "--dataset", "fmnist-s", "--data-dir", str(fmnist_dir), *TINY,
+                     "--results-dir", str(results), *extra])
+        return code, *capsys.readouterr()
+
+    assert train("--lam", "1")[0] == 0
+    assert train("--lam", "2")[0] == 0
+    assert train("--lam", "1", "--train-size", "100", "--batch-size", "20")[0] == 0
+    runs = sorted(p.relative_to(results / "fmnist-s" / "train" / "ad") for p in results.rglob("seed0.json"))
+    assert [p.parts[0].split("-")[0] for p in runs] == ["lam1", "lam1", "lam2"] and len({p.parent for p in runs}) == 3, runs
+    before = snapshot(results)
+    code, _, err = train("--lam", "2")
+    assert_one_line_error(code, err, "already holds this run", "pass --force")
+    assert snapshot(results) == before
+    code, out, err = train("--lam", "2", "--force")
+    assert code == 0, err
+    assert len(list(results.rglob("seed0.json"))) == 3
+
+
+def test_printed_tensorboard_command_quotes_paths_with_spaces(tmp_path, capsys):
+    import shlex
+
+    results = tmp_path / "my results"
+    for seed in (0, 1):
+        write_final_run(results, "ss", seed)
+    assert main(["report", "--dataset", "fmnist-s", "--results-dir", str(results)]) == 0
+    out = capsys.readouterr().out
+    [line] = [line for line in out.splitlines() if "tensorboard --logdir" in line]
+    assert shlex.split(line.split(": ", 1)[1]) == ["tensorboard", "--logdir", str(results / "fmnist-s")]
+
+
+# ---------------------------------------------------------------- standard output closed or full
+
+
+def _list_with_stdout(stdout, tmp_path) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "fairtune", "list", "--data-dir", str(tmp_path)], stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, timeout=120)
+
+
+def test_list_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`fairtune list | head -3`: the reader left; no traceback, the exit status of a tool killed by SIGPIPE."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = _list_with_stdout(write_end, tmp_path)
+    finally:
+        os.close(write_end)
+    assert done.stderr == "" and done.returncode == 141, (done.returncode, done.stderr)
+
+
+def test_list_into_a_full_device_is_one_line(tmp_path):
+    """`fairtune list > /dev/full`: one line saying the write failed, exit 1 (the machine's fault, as a full disk)."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "w") as full:
+        done = _list_with_stdout(full, tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("fairtune: error: a write failed (No space left on device); free space"), lines
