@@ -131,7 +131,7 @@ GPU_SIZES = Sizes(
 # per class (200 images) are left to train on.
 SMOKE_SIZES = Sizes(
     train_per_class=520, test_per_class=10,
-    steps_train_size=80, steps_eval_size=100, steps_batch=20, learn_epochs=3, compile_methods=(), learn_train_size=120,
+    steps_train_size=60, steps_eval_size=100, steps_batch=20, learn_epochs=3, compile_methods=(), learn_train_size=60,
     packings=(1, 2), throughput_methods=("mfd", "scratch"), throughput_train_size=None,
     throughput_eval_size=100, warmup_steps=1, window_s=2.0,
     search_method="mfd", search_samples=2, search_epochs=1, search_train_size=None, search_eval_size=100,
