@@ -40,5 +40,5 @@ if [ "$smoke" = 0 ]; then
 fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 budget=()
-[ "$smoke" = 0 ] && budget=(--budget-s "${BUDGET_S:-440}")  # a --budget-s given on the command line wins
+[ "$smoke" = 0 ] && budget=(--budget-s "${BUDGET_S:-450}")  # a --budget-s given on the command line wins
 exec "$python" "$repo/benchmarks/gpu_check.py" "${budget[@]}" "$@"
