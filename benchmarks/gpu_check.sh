@@ -11,8 +11,11 @@
 #                       carry     [".bundle"]
 #                       timeout_s 540          (the script itself takes about 6-8 minutes)
 #   The wheels are installed with pip --no-index into /tmp/fairtune-site, which goes first on
-#   PYTHONPATH with the repository root; nothing else is installed.
-# On a CPU, without the bundle (what `make test` runs, ~1 minute):
+#   PYTHONPATH with the repository root; nothing else is installed. The script keeps itself within
+#   --budget-s 450 (BUDGET_S) by skipping throughput packings 2, 8, 4 (1 and 16 run first) if it must.
+#   A lease is 15 minutes of device time, machine start (1-2 min) included: one full run fits; a
+#   rerun must be shorter (e.g. --only ray, --packings 1,16, --compile none) and on the warm machine.
+# On a CPU, without the bundle (what `make test` runs: 1-4 minutes on a shared 2-core machine):
 #   bash benchmarks/gpu_check.sh --smoke        (uses ${PYTHON:-python3}, which must have the deps)
 # Other flags go to benchmarks/gpu_check.py (--only, --packings, --compile, --out).
 set -euo pipefail
