@@ -17,7 +17,7 @@ DEMO_DATA := --dataset fmnist-s --train-size 3000 --eval-size 1000 --results-dir
 DEMO_SEARCH := --max-epochs 4 --num-samples 3 --grace-period 1
 DEMO_SEEDS := 0 1
 
-.PHONY: install data test demo bench clean
+.PHONY: install data test demo bench bundle clean
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ demo: install data
 bench: install data
 	@ls benchmarks/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+# The wheels the GPU check installs on the registry-less GPU machine (README: GPU check); ~49 MB in .bundle/.
+bundle:
+	PYTHON=$(PYTHON) bash benchmarks/gpu/make-bundle.sh .bundle
 
 clean:
 	rm -rf $(VENV) .pytest_cache
