@@ -41,6 +41,7 @@ SEARCH = ["--dataset", "fmnist-s", "--method", "ad", "--epochs", str(EPOCHS), "-
 # two the first is well above. Four values, four trials: the search runs them as a grid, in this order.
 AD_SPACE = "method: ad\nparameter: lam\ndistribution: choice\nvalues: [1.0e-4, 10.0, 30.0, 100.0]\ndefault: 1.0e-4\n"
 KILLS = 3
+SS_EPOCHS = 3  # the one-trial ss searches of the worker-kill and Ctrl-C tests
 
 
 def _trials_now(folder: Path) -> dict[str, dict]:
@@ -128,7 +129,7 @@ def test_a_killed_trial_worker_resumes_from_its_last_state(ray_session, fmnist_d
     killer = threading.Thread(target=kill_mid_epoch, daemon=True)
     killer.start()
     try:
-        code = main(["search", "--dataset", "fmnist-s", "--method", "ss", "--epochs", str(EPOCHS), "--train-size", "600",
+        code = main(["search", "--dataset", "fmnist-s", "--method", "ss", "--epochs", str(SS_EPOCHS), "--train-size", "600",
                      "--eval-size", "200", "--batch-size", "40", "--gpus-per-trial", "0", "--max-failures", "1",
                      "--data-dir", str(fmnist_dir), "--results-dir", str(results)])
     finally:
@@ -138,20 +139,20 @@ def test_a_killed_trial_worker_resumes_from_its_last_state(ray_session, fmnist_d
     assert code == 0, err
     assert seen, "the worker was never killed"
     assert seen["logged"] == [1], seen  # killed inside epoch 2
-    trials = assert_search_consistent(folder, 1, EPOCHS)
-    assert trials["status"].tolist() == ["COMPLETED"] and trials["epochs_run"].tolist() == [EPOCHS]
+    trials = assert_search_consistent(folder, 1, SS_EPOCHS)
+    assert trials["status"].tolist() == ["COMPLETED"] and trials["epochs_run"].tolist() == [SS_EPOCHS]
     runs = epoch_runs(folder, "t000")
     assert [r["epoch"] for r in runs if r["pid"] == seen["pid"]] == [1]
-    assert [r["epoch"] for r in runs if r["pid"] != seen["pid"]] == [2, 3]  # from the epoch-1 state
+    assert [r["epoch"] for r in runs if r["pid"] != seen["pid"]] == list(range(2, SS_EPOCHS + 1))  # from the epoch-1 state
     state = io.load_torch(state_files(folder, "t000")[-1])
-    assert [m["epoch"] for m in json.loads(state["history"])] == [1, 2, 3]  # the trainer's own history: no gap, no repeat
-    assert [p.name for p in state_files(folder, "t000")] == ["state-0002.pt", "state-0003.pt"]  # the newest two kept
+    assert [m["epoch"] for m in json.loads(state["history"])] == list(range(1, SS_EPOCHS + 1))  # no gap, no repeat
+    assert [p.name for p in state_files(folder, "t000")] == [f"state-{e:04d}.pt" for e in (SS_EPOCHS - 1, SS_EPOCHS)]  # newest two
 
 
 def test_ctrl_c_stops_cleanly_and_resume_finishes(ray_session, fmnist_dir, tmp_path, capsys):
     results = tmp_path / "results"
     folder = experiment(results, "ss")
-    argv = ["--dataset", "fmnist-s", "--method", "ss", "--epochs", str(EPOCHS), "--train-size", "600", "--eval-size", "200",
+    argv = ["--dataset", "fmnist-s", "--method", "ss", "--epochs", str(SS_EPOCHS), "--train-size", "600", "--eval-size", "200",
             "--batch-size", "40", "--gpus-per-trial", "0", "--data-dir", str(fmnist_dir), "--results-dir", str(results)]
     driver = Driver(argv, tmp_path / "driver.log", REPO)
     try:
@@ -171,7 +172,7 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(ray_session, fmnist_dir, tmp_p
     code = main(["search", *argv, "--resume"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    trials = assert_search_consistent(folder, 1, EPOCHS, max_recomputed=1)
+    trials = assert_search_consistent(folder, 1, SS_EPOCHS, max_recomputed=1)
     best = json.loads((folder / "best.json").read_text())
     assert best["budget"]["seconds"] > spent  # the budget counts both sessions
     assert trials["status"].tolist() == ["COMPLETED"]
