@@ -130,9 +130,9 @@ def test_non_finite_trial_fails_with_its_reason_and_the_rest_finish(ray_session,
     assert code == 0, err
     trials = read_trials(experiment(results, "mmd") / "trials.csv")
     failed = trials[trials["status"] == "ERROR"]
-    assert len(trials) == 4 and len(failed) >= 1 and (failed["lam"] > 1e38).all()
+    # Two values, four samples: a grid, each value once; the overflowing one fails, the other completes.
+    assert trials["lam"].tolist() == [1e39, 0.5] and trials["status"].tolist() == ["ERROR", "COMPLETED"]
     assert failed["error"].str.contains("non-finite").all()
-    assert (trials["status"] == "COMPLETED").any()
     logs = experiment(results, "mmd") / "trials"
     for trial_id in failed["trial_id"]:  # retries re-raised at once instead of re-running the epoch
         assert (logs / trial_id / "nonfinite.txt").exists()
