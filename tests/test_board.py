@@ -70,7 +70,7 @@ def test_final_board_writes_each_epoch_once_then_the_test_metrics(tmp_path):
     final.finish("hkd", 1, {"epochs_run": 3, "history": history, "test": test})
 
     run, _, hparams = read_run(board.final_run_dir(tmp_path, "fmnist-s", "hkd", 1))
-    assert hparams == {"method": "hkd", "kind": "final", "seed": 1, "T": 4.0}
+    assert hparams == {"dataset": "fmnist-s", "method": "hkd", "kind": "final", "seed": 1, "T": 4.0}
     assert curve(run, "val/accuracy") == [(1, 50.0), (2, 55.0), (3, 60.0)]
     assert curve(run, "val/group_acc/color") == [(1, 42.0), (2, 47.0), (3, 52.0)]
     assert curve(run, "schedule/kd_weight") == [(1, 2.0), (2, 2.0), (3, 2.0)]
@@ -123,7 +123,7 @@ def test_two_searches_and_a_final_read_back_with_tensorboards_reader(ray_session
         run, declared, hparams = read_run(runs[name])
         experiments.add(declared.SerializeToString())
         value = trial["config"][HYPER[method]]
-        assert hparams == {"method": method, "kind": "search", "seed": 0, HYPER[method]: pytest.approx(value)}
+        assert hparams == {"dataset": "fmnist-s", "method": method, "kind": "search", "seed": 0, HYPER[method]: pytest.approx(value)}
         tags = set(run.Tags()["scalars"])
         wanted = {*SELECTION, "val/loss", "val/group_acc/gray", "val/group_acc/color", "train/loss", "train/ce", f"train/{method}", "schedule/lr"}
         assert wanted <= tags and all(t.split("/")[0] in {"val", "train", "schedule"} for t in tags), tags
@@ -136,7 +136,7 @@ def test_two_searches_and_a_final_read_back_with_tensorboards_reader(ray_session
         run, declared, hparams = read_run(runs[name])
         experiments.add(declared.SerializeToString())
         record = json.loads((root / "final" / method / "seed0.json").read_text())
-        assert hparams == {"method": method, "kind": "final", "seed": 0, **record["hyperparameters"]}
+        assert hparams == {"dataset": "fmnist-s", "method": method, "kind": "final", "seed": 0, **record["hyperparameters"]}
         history = record["history"]
         assert curve(run, "val/accuracy") == [(e["epoch"], pytest.approx(e["accuracy"], rel=1e-6)) for e in history]
         last = record["epochs_run"]
@@ -152,7 +152,7 @@ def test_two_searches_and_a_final_read_back_with_tensorboards_reader(ray_session
 
     [raw] = experiments
     declared = api_pb2.Experiment.FromString(raw)
-    assert [h.name for h in declared.hparam_infos] == ["method", "kind", "seed", "T", "lam", "distill_lam"]
+    assert [h.name for h in declared.hparam_infos] == ["method", "kind", "seed", "dataset", "T", "lam", "distill_lam"]
     assert set(declared.hparam_infos[0].domain_discrete) >= {"hkd", "mfd", "scratch"}
     metrics = [(m.name.tag, m.display_name) for m in declared.metric_infos]
     assert metrics[:4] == [("val/accuracy", "accuracy ↑"), ("val/deo_a", "DEO_A ↓"), ("val/deo_m", "DEO_M ↓"), ("val/objective", "objective")]
@@ -160,11 +160,11 @@ def test_two_searches_and_a_final_read_back_with_tensorboards_reader(ray_session
 
     # What the HParams dashboard gets for `--logdir results/fmnist-s`: both hyperparameters, each row its own.
     shown, rows = hparams_dashboard(root)
-    assert shown == ["T", "kind", "lam", "method", "seed", "distill_lam"] and set(shown) == {"method", "kind", "seed", "T", "lam", "distill_lam"}
+    assert shown == ["T", "kind", "lam", "method", "seed", "dataset", "distill_lam"]  # the dashboard ticks the first five
     assert len(rows) == len(expected) + len(finals)
     for name, (method, trial) in expected.items():
         hparams, values = rows[f"{method} {name.rsplit('/', 1)[1]}"]
-        assert hparams.keys() == {"method", "kind", "seed", HYPER[method]}
+        assert hparams.keys() == {"dataset", "method", "kind", "seed", HYPER[method]}
         assert values["val/accuracy"] == pytest.approx(trial["epochs"][-1]["accuracy"], rel=1e-6)
     assert rows["hkd final seed0"][0]["T"] == best["hkd"]["T"] and rows["mfd final seed0"][0]["lam"] == pytest.approx(best["mfd"]["lam"])
 

@@ -180,6 +180,13 @@ def test_resume_after_the_driver_is_killed(ray_session, data_dir, tmp_path, caps
     assert (trials["epochs_run"] == 3).all() and (trials["status"] == "COMPLETED").all()
     for trial_id, trial in before.items():  # what was recorded before the kill is kept as it was
         assert ledger_trials(folder)[trial_id]["epochs"][: len(trial["epochs"])] == trial["epochs"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = sorted((folder / "tb").iterdir())  # one TensorBoard run per trial over both sessions
+    assert len(runs) == 3
+    for run in runs:  # re-reported epochs were not written again (the epoch in flight at the kill may be missing)
+        steps = [e.step for e in EventAccumulator(str(run)).Reload().Scalars("val/accuracy")]
+        assert steps == sorted(set(steps)) and steps[-1] == 3, (run.name, steps)
 
     # Resuming the finished search runs nothing, keeps every record and adds its time to the budget.
     spent = json.loads((folder / "best.json").read_text())["budget"]["seconds"]

@@ -15,11 +15,11 @@ carry an experiment config it takes "the first one" it happens to list (``_find_
 ``tensorboard/plugins/hparams/backend_context.py``; the Rust data server lists runs in no fixed order).
 Configs that differ per search — Ray Tune's, one per trial, declaring only that trial's
 hyperparameter — therefore showed one random search's column and left the others empty. Here every
-run carries the *same* config: ``method``, ``kind`` (search or final), ``seed`` and every hyperparameter
-fairtune's methods have (T, lam, distill_lam), then the metrics with accuracy, DEO_A, DEO_M and the
-objective first. Whichever copy TensorBoard picks, ``--logdir results/D`` (several searches),
-``results/D/search/M`` (one) or ``results`` (several datasets) show each run's own values; each
-session records only the hyperparameters its method has.
+run carries the *same* config: ``method``, ``kind`` (search or final), ``seed``, ``dataset`` and every
+hyperparameter fairtune's methods have (T, lam, distill_lam), then the metrics with accuracy, DEO_A,
+DEO_M and the objective first. Whichever copy TensorBoard picks, ``--logdir results/D`` (several
+searches), ``results/D/search/M`` (one) or ``results`` (several datasets) show each run's own values;
+each session records only the hyperparameters its method has.
 
 Ray Tune's own TensorBoard logger is switched off (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS`` in
 ``fairtune.tune.cluster``, its CSV and JSON loggers passed back explicitly): its ``ray/tune/…`` tags
@@ -36,8 +36,11 @@ import math
 import shutil
 from pathlib import Path
 
+from fairtune.data import DATASETS, DataOptions
+from fairtune.engine import TrainConfig
 from fairtune.methods import all_method_names, get_method
 from fairtune.metrics import objective_value
+from fairtune.tune.ledger import TRIAL_KEY, Ledger
 
 TB_FOLDER = "tb"
 SEARCH, FINAL = "search", "final"
@@ -67,6 +70,7 @@ def _experiment_pb():
         hp.HParam("method", hp.Discrete(all_method_names()), description="fairtune method"),
         hp.HParam("kind", hp.Discrete([SEARCH, FINAL]), description="a search trial or a final rerun"),
         hp.HParam("seed", description="data, teacher and training seed"),
+        hp.HParam("dataset", hp.Discrete(sorted(DATASETS)), description="for a --logdir holding several datasets"),
         hp.HParam("T", description="distillation temperature (hkd, fitnet and their ss+/ad+ variants)"),
         hp.HParam("lam", display_name="λ", description="the method's loss weight (at, nst, ad, mfd, mmd, ad+X)"),
         hp.HParam("distill_lam", display_name="λ_distill", description="ad+at / ad+nst: the fixed distillation weight"),
@@ -87,10 +91,11 @@ def _experiment_pb():
     ]
     summary = hp.hparams_config_pb(hparams, metrics, time_created_secs=0.0)
     # The plugin lists hyperparameters that differ first, then by name, and the dashboard ticks the first
-    # five: `differs` (which the API does not set) leaves distill_lam (ad+at, ad+nst only) last, unticked.
+    # five: `differs` (which the API does not set) leaves dataset and distill_lam (ad+at, ad+nst only)
+    # last, unticked.
     experiment = plugin_data_pb2.HParamsPluginData.FromString(summary.value[0].metadata.plugin_data.content)
     for info in experiment.experiment.hparam_infos:
-        info.differs = info.name != "distill_lam"
+        info.differs = info.name not in ("dataset", "distill_lam")
     summary.value[0].metadata.plugin_data.content = experiment.SerializeToString()
     return summary
 
@@ -145,13 +150,11 @@ class RunWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         fresh = not any(Path(folder).glob("events.out.tfevents.*"))
-        self.folder = Path(folder)
         self.writer = SummaryWriter(str(folder))
         if fresh:
-            values = {k: v for k, v in hparams.items() if v is not None}
             self.writer.file_writer.add_summary(_experiment_pb())
             # ``name`` is the row's "trial id" in the HParams table (the API's default is a hash).
-            self.writer.file_writer.add_summary(summary_v2.hparams_pb(values, trial_id=name))
+            self.writer.file_writer.add_summary(summary_v2.hparams_pb(hparams, trial_id=name))
             self.writer.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -163,16 +166,17 @@ class RunWriter:
         self.writer.close()
 
 
-def _session_hparams(method: str, kind: str, seed: int, hyperparameters: dict) -> dict:
-    return {"method": method, "kind": kind, "seed": seed, **{k: float(v) for k, v in hyperparameters.items() if k in HYPERPARAMETERS}}
+def _session_hparams(dataset: str, method: str, kind: str, seed: int, hyperparameters: dict) -> dict:
+    values = {k: float(v) for k, v in hyperparameters.items() if k in HYPERPARAMETERS and v is not None}
+    return {"dataset": dataset, "method": method, "kind": kind, "seed": seed, **values}
 
 
-def search_callback(ledger, experiment_dir: Path, base_config, parameter: str | None, seed: int):
-    """A Tune callback writing each trial's run. Defined here as ``ray.tune.Callback`` must be
-    imported after ``cluster.prepare_environment``."""
+def search_callback(ledger: Ledger, experiment_dir: Path, base_config: TrainConfig, parameter: str | None, data: DataOptions):
+    """A Tune callback writing each trial's run, to be listed after the ledger's callback: an epoch is
+    in the ledger before it is written here, so a killed driver can leave a gap in a curve (the epoch
+    in flight) but never a repeated point. ``ray.tune`` is imported here, after
+    ``cluster.prepare_environment``."""
     from ray.tune import Callback
-
-    from fairtune.tune.ledger import TRIAL_KEY
 
     class BoardCallback(Callback):
         """Writes each new epoch once: a resumed or retried trial re-reports the epochs it holds,
@@ -189,7 +193,7 @@ def search_callback(ledger, experiment_dir: Path, base_config, parameter: str | 
                 value = trial.config.get(parameter) if parameter else None
                 hyper = {**base_config.hyperparameters(), **{k: v for k, v in trial.config.items() if k != TRIAL_KEY}}
                 folder = search_run_dir(experiment_dir, trial_id, parameter, value)
-                hparams = _session_hparams(base_config.method, SEARCH, seed, hyper)
+                hparams = _session_hparams(data.dataset, base_config.method, SEARCH, data.seed, hyper)
                 self.runs[trial_id] = RunWriter(folder, hparams, f"{base_config.method} {folder.name}")
             return self.runs[trial_id]
 
@@ -243,7 +247,7 @@ class FinalBoard:
         or replaced by --force) is cleared."""
         folder = final_run_dir(self.results_dir, self.dataset, config.method, seed)
         shutil.rmtree(folder, ignore_errors=True)
-        hparams = _session_hparams(config.method, FINAL, seed, config.hyperparameters())
+        hparams = _session_hparams(self.dataset, config.method, FINAL, seed, config.hyperparameters())
         run = RunWriter(folder, hparams, f"{config.method} final seed{seed}")
         self.runs[(config.method, seed)] = (run, set(), config.objective)
 

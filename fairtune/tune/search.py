@@ -391,7 +391,7 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
                 name=TUNE_FOLDER, storage_path=str(folder), verbose=0,
                 callbacks=[
                     LedgerCallback(ledger, study, say, epochs, space.parameter, num_samples),
-                    board.search_callback(ledger, folder, settings.base, space.parameter, settings.data.seed),
+                    board.search_callback(ledger, folder, settings.base, space.parameter, settings.data),
                     *board.tune_loggers(),
                 ],
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
