@@ -488,7 +488,7 @@ def _print_report(results_dir: Path, dataset: str) -> None:
     print(f"\n{dataset} (test split; mean ± sample std over seeds):\n")
     print(to_markdown(table))
     print(f"\nwrote {files.markdown}, {files.csv.name}, {files.latex.name}, {files.pareto.name}, {files.bars.name} in {files.markdown.parent}")
-    print(f"curves of the searches: tensorboard --logdir {shlex.quote(str(Path(results_dir) / dataset))}")
+    print(f"curves of the searches and final runs: tensorboard --logdir {shlex.quote(str(Path(results_dir) / dataset))}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -184,6 +184,8 @@ def test_final_reruns_best_configs_per_seed_then_skips_and_forces(ray_session, d
         assert len(shown) == 1 and len(result) == 1 and shown[0] < result[0], out  # progress, then the result
         assert f"val accuracy {record['history'][-1]['accuracy']:.2f}  DEO_A {record['history'][-1]['deo_a']:.2f}" in lines[shown[0]]
     assert (tmp_path / "fmnist-s" / "teachers" / "seed1.pt").exists()  # trained by final for seed 1
+    for (method, seed), record in records.items():  # a TensorBoard run each (tests/test_board.py reads more)
+        assert val_curve(tmp_path, method, seed) == [(1, pytest.approx(record["history"][0]["accuracy"], rel=1e-6))]
     # Seed 0's teacher came from the search: the scratch row of seed 0 is that teacher's test result.
     teacher0 = json.loads((tmp_path / "fmnist-s" / "teachers" / "seed0.json").read_text())
     assert records["scratch", 0]["test"] == teacher0["test"]
@@ -211,6 +213,16 @@ def test_final_reruns_best_configs_per_seed_then_skips_and_forces(ray_session, d
     assert changed == {final_path(tmp_path, "fmnist-s", "ss", 1)}
     rerun = json.loads(final_path(tmp_path, "fmnist-s", "ss", 1).read_text())
     assert rerun["test"] == records["ss", 1]["test"]  # same seed, same data, CPU: identical
+    assert len(val_curve(tmp_path, "ss", 1)) == 1  # the rerun's curve replaced the first one
+
+
+def val_curve(results: Path, method: str, seed: int) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fairtune.tune.board import final_run_dir
+
+    run = EventAccumulator(str(final_run_dir(results, "fmnist-s", method, seed))).Reload()
+    return [(e.step, e.value) for e in run.Scalars("val/accuracy")]
 
 
 def store_teacher(results: Path, seed: int, **config) -> None:

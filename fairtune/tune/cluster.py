@@ -20,6 +20,8 @@ LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 TUNE_ENV = {
     # The classic output path honours verbose=0; fairtune prints its own compact progress lines.
     "RAY_AIR_NEW_OUTPUT": "0",
+    # Tune's TensorBoard logger off: fairtune.tune.board writes readable runs (CSV/JSON passed back there).
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
 }
 
 

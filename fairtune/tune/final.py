@@ -242,6 +242,7 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
     import ray
     from ray.util.queue import Queue
 
+    from fairtune.tune.board import FinalBoard
     from fairtune.tune.cluster import check_resources, connect
     from fairtune.tune.tasks import method_run_task, train_teacher_task
 
@@ -251,6 +252,7 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
     run_task = ray.remote(**resources)(method_run_task)
     data_dir = str(Path(settings.data_dir).resolve())
     progress = Queue(actor_options={"num_cpus": 0})  # epochs finished by the tasks, for the progress lines
+    board = FinalBoard(settings.results_dir, settings.dataset, dataset_info(plan.data).group_names)  # TensorBoard runs
     try:
         args = (data_dir, settings.device, settings.cpus_per_trial)
         jobs = {job.method: job for job in plan.jobs}
@@ -273,10 +275,14 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
                 if scratch and seed in scratch.todo:
                     files = teacher_paths(settings.results_dir, settings.dataset, seed)
                     _write_scratch_from_disk(settings, files, seed, say)
+                    board.start(base, seed)
+                    board.finish("scratch", seed, json.loads(files.metrics.read_text()))
                 continue
             state_ref, record_ref = teacher_task.remote(base, plan.options(seed), *args, progress)
             teachers[seed] = state_ref
             pending[record_ref] = ("scratch", seed, state_ref)
+            if scratch and seed in scratch.todo:
+                board.start(base, seed)
             say(f"  teacher seed {seed}: training ({base.total_epochs} epochs)")
         for job in plan.jobs:
             if job.method == "scratch":
@@ -285,12 +291,13 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
             for seed in job.todo:
                 ref = run_task.remote(job.config, plan.options(seed), *args, teachers[seed] if teacher_needed else None, progress)
                 pending[ref] = (job.method, seed, None)
+                board.start(job.config, seed)
 
         total, finished = len(pending), 0
         shown_at: dict[str, float] = {}  # run -> when its last epoch line was shown
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            _show_epochs(progress, shown_at, say)  # before the results: a run's epochs come before its result
+            _show_epochs(progress, shown_at, say, board)  # before the results: a run's epochs come before its result
             if not ready:
                 continue
             [ref] = ready
@@ -301,6 +308,7 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
             except ray.exceptions.RayError as exc:
                 failed.append(f"{method} seed {seed}: {_failure(exc)}")
                 say(f"  [{finished}/{total}] {method} seed {seed} FAILED: {_failure(exc)}")
+                board.finish(method, seed, None)
                 continue
             path = final_path(settings.results_dir, settings.dataset, method, seed)
             try:
@@ -317,6 +325,7 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
                 failed.append(f"{method} seed {seed}: {reason}")
                 say(f"  [{finished}/{total}] {method} seed {seed} FAILED: {reason}")
                 continue
+            board.finish(method, seed, record)
             test = record["test"]
             say(
                 f"  [{finished}/{total}] {method} seed {seed}: test accuracy {test['accuracy']:.2f}  DEO_A {test['deo_a']:.2f}  "
@@ -324,12 +333,14 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
             )
     finally:
         progress.shutdown(force=True)
+        board.close()
     return failed
 
 
-def _show_epochs(progress, shown_at: dict[str, float], say: Printer) -> None:
+def _show_epochs(progress, shown_at: dict[str, float], say: Printer, board=None) -> None:
     """Print the newest epoch each task finished since the last call: a run's first line at once,
-    then at most one line per run every PROGRESS_EVERY_S, so many long runs stay readable."""
+    then at most one line per run every PROGRESS_EVERY_S, so many long runs stay readable. Every
+    epoch goes to ``board`` (TensorBoard)."""
     import ray
 
     try:
@@ -337,6 +348,9 @@ def _show_epochs(progress, shown_at: dict[str, float], say: Printer) -> None:
         lines = progress.get_nowait_batch(waiting) if waiting else []
     except ray.exceptions.RayError:  # the queue's actor is gone (its node died): results still come
         return
+    for line in lines if board is not None else ():
+        if "metrics" in line:
+            board.epoch(line["method"], line["seed"], line["metrics"])
     now = time.monotonic()
     newest = {line["run"]: line for line in lines}
     for run, line in newest.items():

@@ -438,6 +438,7 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
 
     from ray import tune
 
+    from fairtune.tune import board
     from fairtune.tune.trainable import TrialSpec, hint_stage_file, run_trial
 
     LedgerSearcher, LedgerASHA, LedgerCallback = _ray_hooks()
@@ -464,7 +465,11 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
             ),
             run_config=tune.RunConfig(
                 name=TUNE_FOLDER, storage_path=str(folder), verbose=0,
-                callbacks=[LedgerCallback(ledger, study, say, epochs, space.parameter, num_samples)],
+                callbacks=[
+                    LedgerCallback(ledger, study, say, epochs, space.parameter, num_samples),
+                    board.search_callback(ledger, folder, settings.base, space.parameter, settings.data),
+                    *board.tune_loggers(),
+                ],
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             ),
         )

@@ -27,9 +27,12 @@ def task_device(device: str) -> torch.device:
     return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
 
 
-def epoch_reporter(progress: Any, run: str, total: int, split: str) -> Callable[[dict], None] | None:
+def epoch_reporter(
+    progress: Any, run: str, total: int, split: str, source: tuple[str, int] | None = None
+) -> Callable[[dict], None] | None:
     """Send each finished epoch of ``run`` (metrics on the selection ``split``) to ``progress`` (a
-    ``ray.util.queue.Queue``), or nothing.
+    ``ray.util.queue.Queue``), or nothing. With ``source`` (method, seed) the epoch's whole metrics
+    travel too, for the driver's TensorBoard run.
 
     Best effort: a progress line that cannot be delivered (the driver is gone) must not fail the run."""
     if progress is None:
@@ -44,6 +47,8 @@ def epoch_reporter(progress: Any, run: str, total: int, split: str) -> Callable[
         line = {"run": run, "epoch": metrics["epoch"], "of": total, "split": split, "accuracy": metrics["accuracy"],
                 "deo_a": metrics["deo_a"], "seconds": now - last}  # fmt: skip
         last = now
+        if source is not None:
+            line.update(method=source[0], seed=source[1], metrics=metrics)
         try:
             progress.put_nowait(line)
         except ray.exceptions.RayError:
@@ -56,7 +61,7 @@ def train_teacher_task(
     base: TrainConfig, options: DataOptions, data_dir: str, device: str, cpus: int, progress: Any = None
 ) -> tuple[dict, dict]:
     torch.set_num_threads(max(1, cpus))
-    on_epoch = epoch_reporter(progress, f"teacher seed {options.seed}", base.total_epochs, options.select_on)
+    on_epoch = epoch_reporter(progress, f"teacher seed {options.seed}", base.total_epochs, options.select_on, ("scratch", options.seed))
     return train_teacher(load_dataset(options, data_dir), base, task_device(device), on_epoch)
 
 
@@ -75,7 +80,9 @@ def method_run_task(
     data = load_dataset(options, data_dir)
     teacher = teacher_model(teacher_state, data.info) if teacher_state is not None else None
     where = task_device(device)
-    on_epoch = epoch_reporter(progress, f"{config.method} seed {options.seed}", config.total_epochs, options.select_on)
+    on_epoch = epoch_reporter(
+        progress, f"{config.method} seed {options.seed}", config.total_epochs, options.select_on, (config.method, options.seed)
+    )
     record = run_record(config, data, run_method(config, data, teacher, where, on_epoch), where)
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     return record
