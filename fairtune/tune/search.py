@@ -156,7 +156,6 @@ def _tell(study, trial: TrialRecord) -> None:
     """Give Optuna a finished trial exactly once: its per-epoch objectives as intermediate values, then
     COMPLETE with the last epoch's objective, PRUNED when ASHA stopped it, FAIL on an error."""
     import optuna
-    from optuna.trial import TrialState
 
     if trial.optuna_number is None:
         return
