@@ -28,7 +28,6 @@ from fairtune.teachers import save_teacher, teacher_identity, teacher_paths
 from fairtune.tune.ledger import Ledger
 from tests.fixtures.cifar import write_cifar10
 from tests.fixtures.faces import write_celeba, write_utkface
-from tests.fixtures.idx import write_fashion_mnist
 from tests.fixtures.results import write_best_config, write_final_run
 from tests.helpers import assert_one_line_error, snapshot
 

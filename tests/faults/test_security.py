@@ -5,7 +5,6 @@ only is tested in tests/test_ray_local.py.)"""
 from __future__ import annotations
 
 import ast
-import contextlib
 import pickle
 from pathlib import Path
 from types import SimpleNamespace
