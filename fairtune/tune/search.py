@@ -366,8 +366,11 @@ def search_identity(settings: SearchSettings, space: SearchSpace, grace: int) ->
 
 
 def _flag(key: str) -> str:
-    name = key.rsplit(".", 1)[-1]
-    return {"space": "--search-spaces", "grace_period": "--grace-period"}.get(name, "--" + name.replace("_", "-"))
+    """The flag behind a recorded setting: ``train.lr`` -> ``--lr``; the space's keys come from the
+    search-space file (``space.values`` -> ``--search-spaces (space.values)``)."""
+    if key.split(".", 1)[0] == "space":
+        return f"--search-spaces ({key})"
+    return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
 
 
 def _resumable_ledger(settings: SearchSettings, identity: dict) -> Ledger:
