@@ -22,6 +22,7 @@ from fairtune.engine import training_protocol
 from fairtune.errors import UserError
 from fairtune.methods import get_method, in_paper_order
 from fairtune.records import BEST_CONFIG_VAL, FINAL_RUN, read_record
+from fairtune.selection import final_dir
 
 METRICS = ("accuracy", "deo_a", "deo_m")
 METRIC_LABELS = {"accuracy": "Accuracy", "deo_a": "DEO_A", "deo_m": "DEO_M"}
@@ -49,7 +50,7 @@ def load_final_runs(results_dir: Path, dataset: str) -> pd.DataFrame:
     """One row per (method, seed) from ``final/<method>/seed<k>.json``, with the run's protocol:
     the training settings that change what it learns and its data settings but the seed (JSON)."""
     rows = []
-    for path in sorted((Path(results_dir) / dataset / "final").glob("*/seed*.json")):
+    for path in sorted(final_dir(results_dir, dataset).glob("*/seed*.json")):
         redo = f"rerun it with `fairtune final --dataset {dataset} --method {path.parent.name} --seeds {path.stem[4:]} --force`, or delete the file"
         record = read_record(path, FINAL_RUN, redo)
         data = {k: v for k, v in (record.get("data") or {}).items() if k != "seed"}

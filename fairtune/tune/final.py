@@ -26,6 +26,7 @@ from fairtune.errors import UserError
 from fairtune.methods import get_method, in_paper_order
 from fairtune.records import ANY_RECORD, BEST_CONFIG, problem, read_record
 from fairtune.runs import best_config_path, check_batches
+from fairtune.selection import BEST, Rule, final_dir
 from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
 
 Printer = Callable[[str], None]
@@ -81,8 +82,8 @@ class FinalPlan:
         return sum(len(job.todo) for job in self.jobs)
 
 
-def final_path(results_dir: Path, dataset: str, method: str, seed: int) -> Path:
-    return Path(results_dir) / dataset / "final" / method / f"seed{seed}.json"
+def final_path(results_dir: Path, dataset: str, method: str, seed: int, rule: Rule = BEST) -> Path:
+    return final_dir(results_dir, dataset, rule) / method / f"seed{seed}.json"
 
 
 def _read_best(results_dir: Path, dataset: str, method: str) -> dict | None:
