@@ -43,6 +43,7 @@ _reduction = _checked(int, lambda v: v >= 2, "an integer >= 2")
 _fraction = _checked(float, lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1")
 _positive_float = _checked(float, lambda v: 0.0 < v < float("inf"), "a positive finite number")
 _non_negative_float = _checked(float, lambda v: 0.0 <= v < float("inf"), "a finite number >= 0")
+_gpus = _checked(lambda t: t if t == "auto" else float(t), lambda v: v == "auto" or 0.0 <= v < float("inf"), "auto or a finite number >= 0")
 # torch also names devices that cannot train (meta, mps, hpu ...): accept only what fairtune runs on.
 _device_name = _checked(str, lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu or cuda[:k]")
 # More threads than cores never helps, and torch crashes on a huge count.
@@ -76,7 +77,10 @@ def _add_common(p: argparse.ArgumentParser, dataset_required: bool = True) -> No
 def _add_cluster(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray cluster to join: auto or ray://host:port (default: start a local Ray)")
     p.add_argument("--cpus-per-trial", type=_positive_int, default=1, help="CPUs (and torch threads) per run")
-    p.add_argument("--gpus-per-trial", type=_non_negative_float, default=None, help="fractions share a GPU (default 1 if the cluster has GPUs, else 0)")
+    p.add_argument(
+        "--gpus-per-trial", type=_gpus, default=None,
+        help="fractions share a GPU; auto packs the small CNN 8 per GPU, larger models 2 (default 1 if the cluster has GPUs, else 0)",
+    )
 
 
 # Flags of `final` that default to what the searches used (best.json) instead of fixed values.
@@ -136,6 +140,28 @@ def build_parser() -> Parser:
     _add_cluster(final)
     final.add_argument("--force", action="store_true", help="rerun seeds that are done (with scratch named: retrain the teachers)")
     final.set_defaults(**dict.fromkeys(TRAIN_PROTOCOL_FLAGS + DATA_PROTOCOL_FLAGS))
+
+    protocol = commands.add_parser(
+        "protocol", help="the whole protocol in one command: teachers, every search, the final reruns, the tables",
+        description="Train the teachers, run every method's search concurrently on one Ray session (a method whose "
+        "fixed hyperparameter comes from another's best config starts when that exists), rerun each best config on "
+        "every seed as soon as its search is done, then write the tables and plots. Rerun the same command to "
+        "continue after an interruption.",
+    )
+    protocol.add_argument("--method", nargs="+", default=None, help="methods (default: the paper's twelve, see `fairtune list`)")
+    _add_common(protocol)
+    protocol.add_argument("--seeds", type=_non_negative_int, nargs="+", default=[0, 1, 2, 3], help="seeds of the final reruns")
+    protocol.add_argument("--seed", type=_non_negative_int, default=0, help="the searches' data, teacher and TPE seed")
+    protocol.add_argument("--T", type=float, default=None, help="fixed T for ad+hkd / ad+fitnet instead of hkd's / fitnet's best")
+    protocol.add_argument("--distill-lam", type=float, default=None, help="fixed distillation λ for ad+at / ad+nst")
+    protocol.add_argument("--adv-lr", type=_positive_float, default=3e-3)
+    protocol.add_argument("--num-samples", type=_positive_int, default=16, help="trials per search (default 16)")
+    protocol.add_argument("--grace-period", type=_positive_int, default=None, help="ASHA's first rung (default E/10)")
+    protocol.add_argument("--reduction-factor", type=_reduction, default=3)
+    protocol.add_argument("--max-concurrent", type=_positive_int, default=None, help="trials of one search running at once")
+    _add_cluster(protocol)
+    protocol.add_argument("--max-failures", type=_non_negative_int, default=2, help="retries of a crashed trial")
+    protocol.add_argument("--refresh", type=_positive_float, default=None, help="seconds between status blocks (default 2 on a terminal, else 30)")
 
     report = commands.add_parser("report", help="rebuild tables and plots from results on disk (no training)")
     report.add_argument("--dataset", required=True, choices=list(DATASETS), metavar="D", help=f"one of {', '.join(DATASETS)}")
@@ -365,21 +391,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     from fairtune.data import default_data_dir
     from fairtune.runs import check_batches
     from fairtune.teachers import teacher_paths
-    from fairtune.tune.search import SearchSettings, run_search
+    from fairtune.tune.search import run_search
 
-    options = _data_options(args, args.seed)
     data = _load_data(args, args.seed)  # fail fast, with the one-line message, on missing data
     untrained_teacher = method.needs_teacher and not teacher_paths(args.results_dir, args.dataset, args.seed).weights.exists()
     check_batches([method.name] + ["scratch"] * untrained_teacher, args.batch_size, data)
-    gpus = _gpus_per_trial(args)
-    settings = SearchSettings(
-        base=_train_config(args, method.name, hyper), data=options,
-        data_dir=args.data_dir or default_data_dir(), results_dir=args.results_dir,
-        num_samples=args.num_samples, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-        max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
-        max_failures=args.max_failures, resume=args.resume, address=args.address, device=args.device,
-        spaces_dir=spaces_dir,
-    )
+    settings = _search_settings(args, method.name, hyper, spaces_dir, _gpus_per_trial(args))
     fixed = ", ".join(f"{k}={v:g}" for k, v in hyper.items())
     print(
         f"search {method.name} on {args.dataset}: {method.searched or 'nothing'} searched"
@@ -401,6 +418,20 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 130
     _print_search_summary(best, settings)
     return 0
+
+
+def _search_settings(args: argparse.Namespace, method: str, hyper: dict, spaces_dir: Path, gpus: float):
+    from fairtune.data import default_data_dir
+    from fairtune.tune.search import SearchSettings
+
+    return SearchSettings(
+        base=_train_config(args, method, hyper), data=_data_options(args, args.seed),
+        data_dir=args.data_dir or default_data_dir(), results_dir=args.results_dir,
+        num_samples=args.num_samples, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+        max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
+        max_failures=args.max_failures, resume=getattr(args, "resume", False), address=args.address, device=args.device,
+        spaces_dir=spaces_dir,
+    )
 
 
 def _print_search_summary(best: dict, settings) -> None:
@@ -425,13 +456,25 @@ def _print_search_summary(best: dict, settings) -> None:
     print(f"curves: tensorboard --logdir {shlex.quote(str(Path(settings.results_dir) / settings.data.dataset))}")
 
 
-def _gpus_per_trial(args: argparse.Namespace) -> float:
-    """The flag, else one GPU per run on a cluster that has GPUs."""
-    if args.gpus_per_trial is not None:
+# GPU share per run under `--gpus-per-trial auto`: one 6-conv CNN at batch 128 cannot fill an H100/H200,
+# so eight runs share one (the GPU check measures packed throughput at 1-16 per GPU); larger models two.
+AUTO_GPU_SHARE = {"cnn": 0.125}
+AUTO_GPU_SHARE_OTHER = 0.5
+
+
+def _gpus_per_trial(args: argparse.Namespace, dataset: str | None = None) -> float:
+    """The flag's number; else, on a cluster with GPUs, one GPU per run (``auto``: a packed share)."""
+    if args.gpus_per_trial not in (None, "auto"):
         return args.gpus_per_trial
     from fairtune.tune.cluster import connect
 
-    return 1.0 if connect(args.address).get("GPU", 0) else 0.0
+    if not connect(args.address).get("GPU", 0):
+        return 0.0
+    if args.gpus_per_trial is None:
+        return 1.0
+    from fairtune.data import DataOptions, dataset_info
+
+    return AUTO_GPU_SHARE.get(dataset_info(DataOptions(dataset or args.dataset)).model, AUTO_GPU_SHARE_OTHER)
 
 
 def _final_datasets(args: argparse.Namespace) -> list[str]:
@@ -453,23 +496,15 @@ def cmd_final(args: argparse.Namespace) -> int:
     prepare_environment(args.address)  # before anything imports ray
     _setup_threads(args)
 
-    from fairtune.data import default_data_dir
-    from fairtune.tune.final import FinalSettings, plan_final, run_final
+    from fairtune.tune.final import plan_final, run_final
 
     failed = []
     for dataset in _final_datasets(args):
         _check_results_dir(args, dataset)
-        settings = FinalSettings(
-            dataset=dataset, results_dir=args.results_dir, data_dir=args.data_dir or default_data_dir(),
-            methods=tuple(args.method or ()), seeds=tuple(dict.fromkeys(args.seeds)),
-            train_overrides={k: getattr(args, k) for k in TRAIN_PROTOCOL_FLAGS if getattr(args, k) is not None},
-            data_overrides={k: getattr(args, k) for k in DATA_PROTOCOL_FLAGS if getattr(args, k) is not None},
-            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0, address=args.address, device=args.device,
-            force=args.force,
-        )
+        settings = _final_settings(args, dataset, args.method or ())
         plan = plan_final(settings)  # every config checked before a cluster is touched
         if plan.runs_todo:
-            settings = replace(settings, gpus_per_trial=_gpus_per_trial(args))
+            settings = replace(settings, gpus_per_trial=_gpus_per_trial(args, dataset))
         failures = run_final(settings, plan, lambda line: print(line, flush=True))
         failed += [f"{dataset}: {line}" for line in failures]
         _print_report(args.results_dir, dataset)
@@ -479,6 +514,138 @@ def cmd_final(args: argparse.Namespace) -> int:
             print(f"  {line}", file=sys.stderr)
         return 1
     return 0
+
+
+def _final_settings(args: argparse.Namespace, dataset: str, methods):
+    from fairtune.data import default_data_dir
+    from fairtune.tune.final import FinalSettings
+
+    return FinalSettings(
+        dataset=dataset, results_dir=args.results_dir, data_dir=args.data_dir or default_data_dir(),
+        methods=tuple(methods), seeds=tuple(dict.fromkeys(args.seeds)),
+        train_overrides={k: getattr(args, k) for k in TRAIN_PROTOCOL_FLAGS if getattr(args, k, None) is not None},
+        data_overrides={k: getattr(args, k) for k in DATA_PROTOCOL_FLAGS if getattr(args, k, None) is not None},
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0, address=args.address, device=args.device,
+        force=getattr(args, "force", False),
+    )
+
+
+def cmd_protocol(args: argparse.Namespace) -> int:
+    from fairtune.tune.cluster import prepare_environment
+
+    prepare_environment(args.address)  # before anything imports ray
+    from fairtune.methods import PAPER_ORDER, get_method
+
+    if len(set(args.seeds)) < len(args.seeds):
+        twice = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+        raise UserError(f"--seeds names {', '.join(map(str, twice))} more than once; name each seed once")
+    if args.grace_period is not None and args.grace_period > args.epochs:
+        raise UserError(f"--grace-period {args.grace_period} is more than the {args.epochs} epochs; use at most {args.epochs}, or omit it for E/10")
+    _check_results_dir(args, args.dataset)
+    from fairtune.runs import check_batches
+    from fairtune.tune.protocol import ProtocolSettings, check_methods, run_protocol, search_settings
+    from fairtune.tune.search import search_status
+
+    given = {"T": args.T, "distill_lam": args.distill_lam}
+    methods = check_methods(list(args.method or PAPER_ORDER), args.dataset, given, args.results_dir)
+    for name, value in given.items():  # a flag no method reads would be ignored silently
+        if value is not None and not any(name in get_method(m).params and name != get_method(m).searched for m in methods):
+            raise UserError(f"--{name.replace('_', '-')} is read by none of {', '.join(methods)}; drop it")
+    spaces_dir = _spaces_dir(args)
+    _setup_threads(args)
+    data = _load_data(args, args.seed)
+    check_batches([*methods, "scratch"], args.batch_size, data)
+    settings = ProtocolSettings(
+        search=_search_settings(args, "scratch", {}, spaces_dir, 0.0), final=_final_settings(args, args.dataset, ()),
+        methods=methods, given={k: v for k, v in given.items() if v is not None},
+    )
+    # A search recorded with other settings is refused now, not when its turn comes (those whose
+    # fixed value comes from a search still to run are checked when they start).
+    for method in methods:
+        if all(source not in methods for _, source in get_method(method).fixed_from):
+            search_status(search_settings(settings, method))
+    gpus = _gpus_per_trial(args)
+    settings = replace(settings, search=replace(settings.search, gpus_per_trial=gpus), final=replace(settings.final, gpus_per_trial=gpus))
+    block = _StatusBlock(sys.stdout.isatty())
+    refresh = args.refresh or (2.0 if block.tty else 30.0)
+    print(
+        f"protocol on {args.dataset}: {', '.join(methods)}; searches of {args.num_samples} trials x up to {args.epochs} epochs "
+        f"(seed {args.seed}), finals on seeds {' '.join(map(str, args.seeds))}; {args.cpus_per_trial} CPU"
+        f"{f' + {gpus:g} GPU' if gpus else ''} per run; every line goes to {settings.folder / 'protocol.log'}",
+        flush=True,
+    )
+    try:
+        failed = run_protocol(settings, block.say, block.show, refresh)
+    except KeyboardInterrupt:
+        block.say("fairtune: protocol interrupted; finished searches and seeds are kept, interrupted searches resume: rerun the same command")
+        return 130
+    try:
+        _print_report(args.results_dir, args.dataset)
+    except UserError as exc:  # e.g. every final failed: nothing to tabulate
+        print(f"fairtune: no table: {exc}", file=sys.stderr)
+    if failed:
+        print(f"fairtune: {len(failed)} part(s) of the protocol failed; the rest finished and is in the table:", file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class _StatusBlock:
+    """The protocol's one status block: redrawn in place on a terminal, printed whole otherwise; event
+    lines go above it."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.drawn = tty, 0
+
+    def _clear(self) -> None:
+        if self.tty and self.drawn:
+            sys.stdout.write(f"\x1b[{self.drawn}F\x1b[J")
+        self.drawn = 0
+
+    def say(self, line: str) -> None:
+        self._clear()
+        print(line, flush=True)
+
+    def show(self, status) -> None:
+        lines = status_lines(status)
+        self._clear()
+        print("\n".join(lines), flush=True)
+        self.drawn = len(lines) if self.tty else 0
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def status_lines(status) -> list[str]:
+    """The status block: one line for the whole run, one per method."""
+    pace = f"{status.seconds_per_epoch:.1f} s per epoch per slot" if status.seconds_per_epoch else "pace not measured yet"
+    head = (
+        f"[{_duration(status.elapsed)}] slots {status.slots_busy:g}/{status.slots_total:g} busy · epochs {status.epochs_done} "
+        f"of at most {status.epochs_budget} · {pace} · ETA {'≤ ' + _duration(status.eta) if status.eta is not None else '?'}"
+    )
+    lines = [head]
+    for row in status.methods:
+        if row.search == "waiting":
+            search = f"waiting for {row.waiting_for}" if row.waiting_for else "waiting"
+        elif row.search == "failed" and not row.trials_planned:
+            search = f"failed: {row.error}"
+        else:
+            search = (
+                f"{row.search:<7} {row.trials_done}/{row.trials_planned} trials done, {row.trials_running} running, "
+                f"{row.trials_stopped} stopped · {row.epochs_done}/{row.epochs_budget} epochs"
+            )
+        best = f"best {row.best:7.2f}" if row.best is not None else "best    –  "
+        final = f"final {row.seeds_done}/{row.seeds_planned} seeds" + (" (running)" if row.final == "running" else "")
+        if row.final == "failed":
+            final = "final failed"
+        lines.append(f"  {row.method:<10} {search:<62} {best}  {final}")
+    return lines
 
 
 def _print_report(results_dir: Path, dataset: str) -> None:
@@ -499,7 +666,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "list": cmd_list, "train": cmd_train, "teacher": cmd_teacher, "search": cmd_search,
-    "final": cmd_final, "report": cmd_report,
+    "final": cmd_final, "protocol": cmd_protocol, "report": cmd_report,
 }
 
 

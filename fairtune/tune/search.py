@@ -66,7 +66,7 @@ class SearchSettings:
 
 
 
-def _teacher_state(settings: SearchSettings, say: Printer) -> dict | None:
+def teacher_state(settings: SearchSettings, say: Printer) -> dict | None:
     """The seed's teacher weights: from disk, or trained now as a Ray task with one trial's resources."""
     import ray
 
@@ -407,25 +407,41 @@ def _open_ledger(settings: SearchSettings, identity: dict, planned: int, say: Pr
     return Ledger.create(folder, identity)
 
 
-def run_search(settings: SearchSettings, say: Printer = print) -> dict:
-    """Run (or resume) the search; returns the content written to ``best.json``."""
-    method = get_method(settings.base.method)
-    space = load_space(method.name, settings.spaces_dir)
-    folder = settings.experiment_dir
-    mode = objective_mode(settings.base.objective)
-    epochs = settings.base.total_epochs
+def _search_plan(settings: SearchSettings):
+    """(space, ASHA's rungs, grid?, trials to run, the search's identity) for ``settings``."""
+    space = load_space(settings.base.method, settings.spaces_dir)
     # ASHA counts stage-2 epochs: FitNet's hint stage is never judged, and FitNet gets as many rungs
     # over its stage 2 as other methods over their run (see fairtune.schedule for why).
     rungs = asha_plan(settings.base.epochs, settings.base.hint_epochs, settings.grace_period, settings.reduction_factor)
     grid = is_grid(space, settings.num_samples)
     num_samples = (len(space.values) if grid else settings.num_samples) if space.parameter else 1
-    identity = search_identity(settings, space, rungs.grace_period)
+    return space, rungs, grid, num_samples, search_identity(settings, space, rungs.grace_period)
+
+
+def search_status(settings: SearchSettings) -> str:
+    """``new``, ``unfinished`` or ``done`` (its best config written); UserError when the recorded
+    search was run with other settings (a resume would be refused)."""
+    folder = settings.experiment_dir
+    if not (folder / LEDGER_FILE).exists():
+        return "new"
+    *_, num_samples, identity = _search_plan(settings)
+    ledger = _resumable_ledger(replace(settings, resume=True), identity)
+    return "done" if ledger.complete(num_samples) and (folder / "best.json").exists() else "unfinished"
+
+
+def run_search(settings: SearchSettings, say: Printer = print) -> dict:
+    """Run (or resume) the search; returns the content written to ``best.json``."""
+    method = get_method(settings.base.method)
+    space, rungs, grid, num_samples, identity = _search_plan(settings)
+    folder = settings.experiment_dir
+    mode = objective_mode(settings.base.objective)
+    epochs = settings.base.total_epochs
     if (folder / LEDGER_FILE).exists():
         _resumable_ledger(settings, identity)  # refused before Ray starts
 
     resources = connect(settings.address)
     check_resources(resources, settings.cpus_per_trial, settings.gpus_per_trial)
-    teacher_state = _teacher_state(settings, say) if method.needs_teacher else None
+    teacher = teacher_state(settings, say) if method.needs_teacher else None
     ledger = _open_ledger(settings, identity, num_samples, say)
     if not space.parameter and not ledger.trials:
         say(f"{method.name} has no hyperparameter to search: running one trial")
@@ -436,7 +452,7 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
     if study is not None:
         _reconcile(study, ledger)
     if settings.base.hint_epochs and space.parameter and not ledger.complete(num_samples):
-        _shared_hint_stage(settings, space, teacher_state, say)
+        _shared_hint_stage(settings, space, teacher, say)
 
     from ray import tune
 
@@ -448,7 +464,7 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
         settings.base, settings.data, str(Path(settings.data_dir).resolve()), str(folder), settings.cpus_per_trial, settings.device
     )
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=spec, teacher_state=teacher_state),
+        tune.with_parameters(run_trial, spec=spec, teacher_state=teacher),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
     launches = len(ledger.unfinished()) + max(num_samples - len(ledger.trials), 0)
