@@ -24,7 +24,8 @@ import pandas as pd  # noqa: E402
 from _timing import Spread, append_results, device  # noqa: E402
 from fairtune.data import DataOptions, default_data_dir  # noqa: E402
 from fairtune.engine import TrainConfig  # noqa: E402
-from fairtune.tune.search import SearchSettings, default_grace_period, run_search  # noqa: E402
+from fairtune.schedule import default_grace_period  # noqa: E402
+from fairtune.tune.search import SearchSettings, run_search  # noqa: E402
 
 METHOD, EPOCHS, SAMPLES, REDUCTION = "mfd", 12, 16, 3
 DATA = DataOptions("fmnist-s", seed=0, train_size=2000, eval_size=1000)

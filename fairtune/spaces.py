@@ -56,7 +56,9 @@ def load_space(method: str, directory: Path = SPACES_DIR) -> SearchSpace:
     get_method(method)  # validates the name before it becomes a path
     path = Path(directory) / f"{method}.yaml"
     if not path.exists():
-        return _standard(method)
+        # A user's folder without this method's file means the standard space: the repo's file if any.
+        shipped = SPACES_DIR / f"{method}.yaml"
+        return load_space(method) if shipped.exists() and Path(directory).resolve() != SPACES_DIR.resolve() else _standard(method)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -121,17 +121,17 @@ def assert_search_consistent(folder: Path, num_samples: int, epochs: int, max_re
 
 
 class Driver:
-    """A `fairtune search` subprocess (its own local Ray), output to a file, to be killed at a moment
+    """A `fairtune search` (or other ``command``) subprocess (its own local Ray), output to a file, to be killed at a moment
     read from disk. Shared by the fault tests and benchmarks/stress_resume.py."""
 
-    def __init__(self, argv: list[str], log: Path, cwd: Path) -> None:
+    def __init__(self, argv: list[str], log: Path, cwd: Path, command: str = "search") -> None:
         import subprocess
         import sys
 
         self.log = log
         self.handle = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fairtune", "search", *argv], cwd=cwd, stdout=self.handle,
+            [sys.executable, "-m", "fairtune", command, *argv], cwd=cwd, stdout=self.handle,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.leftovers: list = []

@@ -58,3 +58,12 @@ def test_malformed_space_files_name_file_and_key(tmp_path, text, fragment):
 def test_a_method_name_never_becomes_a_path_outside_the_folder(tmp_path):
     with pytest.raises(UserError, match="unknown method"):
         load_space("../../etc/passwd", tmp_path)
+
+
+def test_a_folder_without_the_method_file_gives_the_shipped_space(tmp_path):
+    """The CLI's note says such a method "uses the standard search space": that is the repo's file,
+    paper values included, not a bare default."""
+    (tmp_path / "mfd.yaml").write_text((SPACES_DIR / "mfd.yaml").read_text())
+    assert load_space("hkd", tmp_path) == load_space("hkd")
+    assert load_space("hkd", tmp_path).start("cifar10s") == 1
+    assert load_space("ad+hkd", tmp_path) == load_space("ad+hkd")

@@ -22,7 +22,7 @@ from fairtune.engine import TrainConfig
 from fairtune.errors import UserError
 from fairtune.methods import get_method
 from fairtune.metrics import objective_mode
-from fairtune.schedule import asha_plan, default_grace_period  # noqa: F401 (default_grace_period: re-exported)
+from fairtune.schedule import asha_plan
 from fairtune.spaces import SPACES_DIR, SearchSpace, load_space
 from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
 from fairtune.tune.cluster import check_resources, connect

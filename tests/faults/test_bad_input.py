@@ -557,7 +557,7 @@ def test_printed_tensorboard_command_quotes_paths_with_spaces(tmp_path, capsys):
 # ---------------------------------------------------------------- standard output closed or full
 
 
-def _list_with_stdout(stdout, tmp_path) -> "subprocess.CompletedProcess":
+def _list_with_stdout(stdout, tmp_path):
     import os
     import subprocess
     import sys
