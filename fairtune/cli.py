@@ -166,6 +166,11 @@ def build_parser() -> Parser:
     report = commands.add_parser("report", help="rebuild tables and plots from results on disk (no training)")
     report.add_argument("--dataset", required=True, choices=list(DATASETS), metavar="D", help=f"one of {', '.join(DATASETS)}")
     report.add_argument("--results-dir", type=Path, default=Path("results"))
+    report.add_argument(
+        "--select", nargs="+", default=["best"], metavar="RULE",
+        help="selection rules whose final runs to tabulate (best, constrained:deo_a<=X, constrained:deo_m<=X, utopia, knee); "
+        "two or more also write selection.md, the rules side by side",
+    )
     return parser
 
 
@@ -648,19 +653,27 @@ def status_lines(status) -> list[str]:
     return lines
 
 
-def _print_report(results_dir: Path, dataset: str) -> None:
-    from fairtune.report import to_markdown, write_report
+def _print_report(results_dir: Path, dataset: str, rules: list | None = None) -> None:
+    from fairtune.report import write_reports
+    from fairtune.selection import BEST
 
-    table, files = write_report(results_dir, dataset)
-    print(f"\n{dataset} (test split; mean ± sample std over seeds):\n")
-    print(to_markdown(table))
-    print(f"\nwrote {files.markdown}, {files.csv.name}, {files.latex.name}, {files.pareto.name}, {files.bars.name} in {files.markdown.parent}")
-    print(f"curves of the searches and final runs: tensorboard --logdir {shlex.quote(str(Path(results_dir) / dataset))}")
+    report = write_reports(results_dir, dataset, rules or [BEST])
+    for rule, files in report.files.items():
+        print(f"\n{dataset}, configs chosen by rule {rule.text}:\n")
+        print(files.markdown.read_text().rstrip())
+    if report.selection:
+        print(f"\n{dataset}, the rules side by side:\n")
+        print(report.selection.markdown.read_text().rstrip())
+    folder = Path(results_dir) / dataset
+    print(f"\nwrote {', '.join(p.name for p in report.paths())} in {folder}")
+    print(f"curves of the searches and final runs: tensorboard --logdir {shlex.quote(str(folder))}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from fairtune.selection import parse_rule
+
     _check_results_dir(args, args.dataset)
-    _print_report(args.results_dir, args.dataset)
+    _print_report(args.results_dir, args.dataset, [parse_rule(text) for text in args.select])
     return 0
 
 

@@ -41,6 +41,8 @@ FINAL_RUN = {
         "seed": {"type": "integer", "minimum": 0},
         "hyperparameters": _HYPERPARAMETERS,
         "test": {**_METRICS, "required": ["accuracy", "deo_a", "deo_m"]},
+        # the rule that chose the run's config (`final --select`); older files lack it
+        "selection": {"type": "object", "required": ["rule"], "properties": {"rule": {"type": "string"}}},
     },
 }
 

@@ -45,9 +45,10 @@ class Rule:
     @property
     def caption(self) -> str:
         """How the configs were chosen, for a table's caption."""
+        if self.name == "constrained":  # the only caption with a bound to format (None for the others)
+            return f"the highest validation accuracy among trials with validation {self.metric} ≤ {self.bound:g}"
         return {
             "best": "the best final validation objective among completed trials",
-            "constrained": f"the highest validation accuracy among trials with validation {self.metric} ≤ {self.bound:g}",
             "utopia": "the trial closest to the ideal point on validation (min-max normalised)",
             "knee": "the knee of the validation Pareto front",
         }[self.name]
