@@ -596,6 +596,8 @@ def sensitivity_markdown(found: list[Sensitivity]) -> str:
 def plot_sensitivity(found: list[Sensitivity], dataset: str) -> bytes:
     """One row per method, one panel per validation metric against the searched value."""
     plt = _pyplot()
+    from matplotlib.ticker import NullFormatter
+
     figure, axes = plt.subplots(len(found), 3, figsize=(11, 2.9 * len(found) + 0.5), squeeze=False)
     for row, item in zip(axes, found):
         symbol = PARAM_SYMBOLS.get(item.parameter, item.parameter)
@@ -608,6 +610,8 @@ def plot_sensitivity(found: list[Sensitivity], dataset: str) -> bytes:
                 axis.axvline(item.chosen, color="black", ls="--", lw=1, label=f"chosen {symbol} = {item.chosen:.3g}")
             if item.log_axis:
                 axis.set_xscale("log")
+                # Values inside one decade get minor-tick labels that overprint each other: decades only.
+                axis.xaxis.set_minor_formatter(NullFormatter())
             axis.set_xlabel(symbol)
             axis.set_title(f"{_label(item.method)}: val {METRIC_LABELS[metric]} (%)", fontsize=9)
             axis.grid(alpha=0.3)
