@@ -7,8 +7,8 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 FAIRTUNE := $(BIN)/fairtune
-# The offline main job at CPU scale: five representative searches, then the final reruns and tables.
-# The same commands with default sizes (no --train-size/--eval-size, 50 epochs, 16 samples, seeds
+# The offline main job at CPU scale: five representative searches, their final reruns and the tables,
+# as one `fairtune protocol` (one Ray session, work packed onto both cores). The same command with default sizes (no --train-size/--eval-size, 50 epochs, 16 samples, seeds
 # 0-3) are the full protocol, meant for a GPU cluster. `make demo DEMO_RESULTS=results` regenerates
 # the committed reference in results/fmnist-s/.
 DEMO_RESULTS ?= results/demo
@@ -44,8 +44,7 @@ test: install data
 demo: install data
 	$(FAIRTUNE) list
 	rm -rf $(DEMO_RESULTS)/fmnist-s
-	for method in $(DEMO_METHODS); do $(FAIRTUNE) search --method $$method $(DEMO_DATA) $(DEMO_SEARCH) || exit 1; done
-	$(FAIRTUNE) final $(DEMO_DATA) --seeds $(DEMO_SEEDS)
+	$(FAIRTUNE) protocol --method $(DEMO_METHODS) $(DEMO_DATA) $(DEMO_SEARCH) --seeds $(DEMO_SEEDS)
 
 bench: install data
 	@ls benchmarks/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
