@@ -8,8 +8,9 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 FAIRTUNE := $(BIN)/fairtune
 # The offline main job at CPU scale: five representative searches, their final reruns and the tables,
-# as one `fairtune protocol` (one Ray session, work packed onto both cores). The same command with default sizes (no --train-size/--eval-size, 50 epochs, 16 samples, seeds
-# 0-3) are the full protocol, meant for a GPU cluster. `make demo DEMO_RESULTS=results` regenerates
+# as one `fairtune protocol` (one Ray session, the work packed onto every core). The same command with
+# default sizes (no --train-size/--eval-size, 50 epochs, 16 samples, seeds 0-3) and every method is the
+# full protocol, meant for a GPU cluster. `make demo DEMO_RESULTS=results` regenerates
 # the committed reference in results/fmnist-s/.
 DEMO_RESULTS ?= results/demo
 DEMO_METHODS := scratch hkd ss ad mfd
