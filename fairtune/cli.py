@@ -50,9 +50,19 @@ _device_name = _checked(str, lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", 
 _thread_count = _checked(int, lambda v: 0 < v <= (os.cpu_count() or 1), f"a positive integer at most {os.cpu_count() or 1} (the CPUs here)")
 
 
+def _objective(text: str) -> str:
+    """--objective in canonical form (``deo_a,acc`` -> ``acc,deo_a``); a bad one is one line."""
+    from fairtune.metrics import parse_objective
+
+    try:
+        return parse_objective(text).text
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_common(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
     from fairtune.data import DATASETS
-    from fairtune.metrics import OBJECTIVES
+    from fairtune.metrics import OBJECTIVE_HELP
 
     p.add_argument(
         "--dataset", required=dataset_required, choices=list(DATASETS), metavar="D", help=f"one of {', '.join(DATASETS)}"
@@ -67,7 +77,10 @@ def _add_common(p: argparse.ArgumentParser, dataset_required: bool = True) -> No
     p.add_argument("--eval-size", type=_positive_int, default=None, help="stratified subsample of val and test")
     p.add_argument("--target", default=None, help="celeba target attribute (default Attractive)")
     p.add_argument("--select-on", choices=["val", "test"], default="val", help="split for model selection (test = the official procedure)")
-    p.add_argument("--objective", choices=list(OBJECTIVES), default="acc-deo_a")
+    p.add_argument(
+        "--objective", type=_objective, default="acc-deo_a", metavar="OBJ",
+        help=f"what the search optimises on the selection split: {OBJECTIVE_HELP} for a multi-objective search (default acc-deo_a)",
+    )
     p.add_argument("--search-spaces", type=Path, default=None, help="folder of <method>.yaml search spaces (default: the repo's search_spaces/)")
     p.add_argument("--device", type=_device_name, default="auto", help="auto (CUDA when present), cpu or cuda[:k]")
     p.add_argument("--threads", type=_thread_count, default=None, help="torch CPU threads (default: all cores)")
@@ -139,6 +152,11 @@ def build_parser() -> Parser:
     final.add_argument("--adv-lr", type=_positive_float, help="adversaries' Adam lr (AD methods)")
     _add_cluster(final)
     final.add_argument("--force", action="store_true", help="rerun seeds that are done (with scratch named: retrain the teachers)")
+    final.add_argument(
+        "--select", default="best", metavar="RULE",
+        help="which trial of each search to rerun, on validation metrics: best (default: best.json), constrained:deo_a<=X, "
+        "constrained:deo_m<=X, utopia or knee; a rule's finals go to final-<rule>/",
+    )
     final.set_defaults(**dict.fromkeys(TRAIN_PROTOCOL_FLAGS + DATA_PROTOCOL_FLAGS))
 
     protocol = commands.add_parser(
@@ -449,15 +467,21 @@ def _print_search_summary(best: dict, settings) -> None:
     print(trials[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     budget = best["budget"]
     hyper = ", ".join(f"{k}={v:g}" for k, v in best["hyperparameters"].items()) or "no hyperparameters"
+    objective = f"{best['objective']} scalarised as {best['scalarised']}" if "scalarised" in best else best["objective"]
     print(
-        f"\nbest: {hyper}  ({best['objective']} {best['objective_value']:.2f}: accuracy {best['val']['accuracy']:.2f}, "
+        f"\nbest: {hyper}  ({objective} {best['objective_value']:.2f}: accuracy {best['val']['accuracy']:.2f}, "
         f"DEO_A {best['val']['deo_a']:.2f}, DEO_M {best['val']['deo_m']:.2f} on {best['selection_split']}; trial {best['trial_id']})"
     )
+    if "pareto_trials" in best:
+        print(f"Pareto set on {' and '.join(best['objectives'])} ({best['selection_split']}, completed trials): {', '.join(best['pareto_trials']) or 'none'}")
     print(
         f"budget: {budget['epochs_run']} epochs run of {budget['epochs_if_no_early_stopping']} without early stopping, "
         f"{budget['failed_trials']} failed trial(s), {budget['seconds']:.0f} s"
     )
-    print(f"wrote {folder / 'best.json'} and {folder / 'trials.csv'}")
+    if "pareto_trials" in best:
+        print(f"wrote {folder / 'best.json'}, {folder / 'trials.csv'} and {folder / 'pareto.csv'}")
+    else:
+        print(f"wrote {folder / 'best.json'} and {folder / 'trials.csv'}")
     print(f"curves: tensorboard --logdir {shlex.quote(str(Path(settings.results_dir) / settings.data.dataset))}")
 
 
@@ -496,8 +520,10 @@ def _final_datasets(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_final(args: argparse.Namespace) -> int:
+    from fairtune.selection import parse_rule
     from fairtune.tune.cluster import prepare_environment
 
+    rule = parse_rule(args.select)
     prepare_environment(args.address)  # before anything imports ray
     _setup_threads(args)
 
@@ -506,13 +532,13 @@ def cmd_final(args: argparse.Namespace) -> int:
     failed = []
     for dataset in _final_datasets(args):
         _check_results_dir(args, dataset)
-        settings = _final_settings(args, dataset, args.method or ())
+        settings = _final_settings(args, dataset, args.method or (), rule)
         plan = plan_final(settings)  # every config checked before a cluster is touched
         if plan.runs_todo:
             settings = replace(settings, gpus_per_trial=_gpus_per_trial(args, dataset))
         failures = run_final(settings, plan, lambda line: print(line, flush=True))
         failed += [f"{dataset}: {line}" for line in failures]
-        _print_report(args.results_dir, dataset)
+        _print_report(args.results_dir, dataset, [rule])
     if failed:
         print(f"fairtune: {len(failed)} final run(s) failed; the others are written and in the table:", file=sys.stderr)
         for line in failed:
@@ -521,8 +547,10 @@ def cmd_final(args: argparse.Namespace) -> int:
     return 0
 
 
-def _final_settings(args: argparse.Namespace, dataset: str, methods):
+def _final_settings(args: argparse.Namespace, dataset: str, methods, rule=None):
+    """``final``'s settings from the flags (``rule``: the selection rule, default best)."""
     from fairtune.data import default_data_dir
+    from fairtune.selection import BEST
     from fairtune.tune.final import FinalSettings
 
     return FinalSettings(
@@ -531,7 +559,7 @@ def _final_settings(args: argparse.Namespace, dataset: str, methods):
         train_overrides={k: getattr(args, k) for k in TRAIN_PROTOCOL_FLAGS if getattr(args, k, None) is not None},
         data_overrides={k: getattr(args, k) for k in DATA_PROTOCOL_FLAGS if getattr(args, k, None) is not None},
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0, address=args.address, device=args.device,
-        force=getattr(args, "force", False),
+        force=getattr(args, "force", False), rule=rule or BEST,
     )
 
 

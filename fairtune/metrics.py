@@ -12,10 +12,19 @@ left out of DEO_A/DEO_M (and listed in ``classes_without_gap``) instead of turni
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import torch
 
+# Scalar search objectives: one number per epoch, maximised (accuracy-based) or minimised (pure DEO).
 OBJECTIVES = ("acc-deo_a", "acc", "deo_a", "deo_m", "acc-deo_m")
+# The metrics a multi-objective search takes two of (``--objective acc,deo_a``), in canonical order,
+# with the key each has in a metrics dict (``final_<key>`` in trials.csv) and its better direction.
+METRICS = ("acc", "deo_a", "deo_m")
+METRIC_KEYS = {"acc": "accuracy", "deo_a": "deo_a", "deo_m": "deo_m"}
+METRIC_DIRECTIONS = {"acc": "max", "deo_a": "min", "deo_m": "min"}
+MAX_OBJECTIVES = 2
+OBJECTIVE_HELP = f"{', '.join(OBJECTIVES)}, or two of {', '.join(METRICS)} joined by a comma (e.g. acc,deo_a)"
 
 
 @dataclass(frozen=True)
@@ -85,20 +94,92 @@ def evaluate_predictions(
     return fairness_report(correct, total)
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What a search optimises, defined once for every reader: the trainable's reported
+    ``objective``, the ledger and trials.csv, ASHA's rungs, Optuna's study and best.json.
+
+    A scalar objective (``acc-deo_a`` ...) is one number per epoch. A multi-objective one names two
+    metrics (``acc,deo_a``): Optuna is told both (accuracy maximised, DEO minimised), and the single
+    ``objective`` every epoch reports is their equal-weight scalarisation signed so bigger is better
+    (``acc,deo_a`` -> accuracy - DEO_A, today's default scalar objective; ``deo_a,deo_m`` ->
+    -(DEO_A + DEO_M)). ASHA's rungs and the ``best`` rule compare that scalarisation.
+    """
+
+    text: str  # canonical: a scalar name, or the metrics in METRICS order joined by a comma
+    metrics: tuple[str, ...]  # multi-objective: the metrics Optuna optimises; scalar: (text,)
+
+    @property
+    def multi(self) -> bool:
+        return len(self.metrics) > 1
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        """'max' or 'min' per value Optuna is told."""
+        if self.multi:
+            return tuple(METRIC_DIRECTIONS[m] for m in self.metrics)
+        return ("min" if self.text in ("deo_a", "deo_m") else "max",)
+
+    @property
+    def mode(self) -> str:
+        """The direction of the scalar ``objective`` (Ray Tune's mode; the scalarisation is maximised)."""
+        return "max" if self.multi else self.directions[0]
+
+    @property
+    def scalar_text(self) -> str:
+        """The scalar ``objective`` written as a formula: ``acc-deo_a`` for ``acc,deo_a``."""
+        if not self.multi:
+            return self.text
+        return "".join(("+" if METRIC_DIRECTIONS[m] == "max" else "-") + m for m in self.metrics).lstrip("+")
+
+    def value(self, *, accuracy: float, deo_a: float, deo_m: float) -> float:
+        """The scalar ``objective`` of one evaluation."""
+        named = {"acc": accuracy, "deo_a": deo_a, "deo_m": deo_m}
+        if self.multi:
+            return sum(named[m] if METRIC_DIRECTIONS[m] == "max" else -named[m] for m in self.metrics)
+        return {
+            "acc-deo_a": accuracy - deo_a,
+            "acc": accuracy,
+            "deo_a": deo_a,
+            "deo_m": deo_m,
+            "acc-deo_m": accuracy - deo_m,
+        }[self.text]
+
+    def values(self, *, accuracy: float, deo_a: float, deo_m: float) -> tuple[float, ...]:
+        """What Optuna is told for one evaluation: the metrics' values, or the scalar alone."""
+        if not self.multi:
+            return (self.value(accuracy=accuracy, deo_a=deo_a, deo_m=deo_m),)
+        named = {"acc": accuracy, "deo_a": deo_a, "deo_m": deo_m}
+        return tuple(named[m] for m in self.metrics)
+
+
+@lru_cache(maxsize=None)
+def parse_objective(text: str) -> Objective:
+    """The objective ``text`` names; ValueError (one line: what is wrong, what is valid) otherwise.
+    Two metrics are put in canonical order (``deo_a,acc`` is ``acc,deo_a``): the same search."""
+    text = text.strip()
+    if text in OBJECTIVES:
+        return Objective(text, (text,))
+    if "," not in text:
+        raise ValueError(f"invalid choice: {text!r} (choose from {OBJECTIVE_HELP})")
+    names = [part.strip() for part in text.split(",")]
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"{text!r} names an unknown metric {unknown[0]!r}; a multi-objective search takes two of {', '.join(METRICS)}")
+    repeated = [n for n in METRICS if names.count(n) > 1]
+    if repeated:
+        raise ValueError(f"{text!r} names {repeated[0]} twice; name two different metrics of {', '.join(METRICS)}")
+    if len(names) > MAX_OBJECTIVES:
+        raise ValueError(f"{text!r} names {len(names)} metrics; a multi-objective search takes exactly two of {', '.join(METRICS)}")
+    metrics = tuple(m for m in METRICS if m in names)
+    return Objective(",".join(metrics), metrics)
+
+
 def objective_value(name: str, *, accuracy: float, deo_a: float, deo_m: float) -> float:
-    """The search objective (maximised for accuracy-based ones, minimised for pure DEO ones)."""
-    values = {
-        "acc-deo_a": accuracy - deo_a,
-        "acc": accuracy,
-        "deo_a": deo_a,
-        "deo_m": deo_m,
-        "acc-deo_m": accuracy - deo_m,
-    }
-    if name not in values:
-        raise ValueError(f"unknown objective '{name}'; valid: {', '.join(OBJECTIVES)}")
-    return values[name]
+    """The search objective's scalar value (see ``Objective``)."""
+    return parse_objective(name).value(accuracy=accuracy, deo_a=deo_a, deo_m=deo_m)
 
 
 def objective_mode(name: str) -> str:
-    """'max' or 'min' for Ray Tune / Optuna."""
-    return "min" if name in ("deo_a", "deo_m") else "max"
+    """'max' or 'min' for Ray Tune (the direction of the scalar objective)."""
+    return parse_objective(name).mode

@@ -60,6 +60,14 @@ def test_list_shows_every_method_and_the_data_status(tmp_path, capsys):
         (["train", "--method", "ad+hkd", "--dataset", "fmnist-s"], ["best hkd config", "--T"]),
         (["teacher", "--dataset", "fmnist-s", "--bogus"], ["unrecognized arguments: --bogus"]),
         (["frobnicate"], ["invalid choice"]),
+        (["search", "--method", "mfd", "--dataset", "fmnist-s", "--objective", "acc,f1"], ["--objective", "unknown metric 'f1'", "acc, deo_a, deo_m"]),
+        (["search", "--method", "mfd", "--dataset", "fmnist-s", "--objective", "deo_a,deo_a"], ["--objective", "names deo_a twice"]),
+        (["search", "--method", "mfd", "--dataset", "fmnist-s", "--objective", "acc,deo_a,deo_m"], ["--objective", "names 3 metrics", "exactly two"]),
+        (["search", "--method", "mfd", "--dataset", "fmnist-s", "--objective", "f1"], ["--objective", "invalid choice: 'f1'", "acc,deo_a"]),
+        (["train", "--method", "scratch", "--dataset", "fmnist-s", "--objective", "acc,"], ["--objective", "unknown metric ''"]),
+        (["final", "--dataset", "fmnist-s", "--select", "pareto"], ["--select 'pareto': unknown rule", "utopia"]),
+        (["final", "--dataset", "fmnist-s", "--select", "constrained:acc<=3"], ["cannot bound 'acc'"]),
+        (["final", "--dataset", "fmnist-s", "--select", "constrained:deo_a<=-1"], ["the bound must be a number"]),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(argv, fragments, tmp_path, capsys):

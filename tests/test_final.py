@@ -88,6 +88,81 @@ def test_final_without_best_configs_is_one_line(tmp_path, capsys):
     assert "fairtune search" in capsys.readouterr().err
 
 
+def fake_trials(results: Path, method: str, rows: list[tuple], parameter: str = "lam") -> pd.DataFrame:
+    """A trials.csv as the search writes it: rows of (trial id, value, status, accuracy, DEO_A, DEO_M)."""
+    frame = pd.DataFrame(
+        [{"trial_id": t, parameter: v, "epochs_run": 3, "status": s, "error": "", "final_accuracy": a, "final_deo_a": d,
+          "final_deo_m": m, "final_objective": a - d} for t, v, s, a, d, m in rows]
+    )
+    io.write_text(results / "fmnist-s" / "search" / method / "trials.csv", frame.to_csv(index=False))
+    return frame
+
+
+TRIALS = [("t000", 3.0, "COMPLETED", 80.0, 9.0, 20.0), ("t001", 0.5, "COMPLETED", 75.0, 2.0, 4.0),
+          ("t002", 0.01, "STOPPED", 90.0, 1.0, 2.0), ("t003", 10.0, "COMPLETED", 70.0, 1.5, 3.0)]
+
+
+def test_plan_with_a_rule_takes_its_trial_and_records_the_choice(tmp_path):
+    from fairtune.selection import parse_rule, select_trial
+
+    fake_best(tmp_path, "mfd", {"lam": 3.0})
+    fake_best(tmp_path, "ad+hkd", {"lam": 0.2, "T": 4.0})
+    trials = fake_trials(tmp_path, "mfd", TRIALS)
+    fake_trials(tmp_path, "ad+hkd", [("t000", 0.2, "COMPLETED", 70.0, 5.0, 9.0), ("t001", 0.7, "COMPLETED", 60.0, 1.0, 2.0)])
+    for text in ("utopia", "knee", "constrained:deo_a<=2"):
+        rule = parse_rule(text)
+        plan = plan_final(settings_for(tmp_path, methods=("mfd", "ad+hkd"), rule=rule))
+        jobs = {j.method: j for j in plan.jobs}
+        row = select_trial(trials, rule)
+        assert row["trial_id"] != "t002"  # stopped by ASHA: never a candidate, however good
+        assert jobs["mfd"].config.lam == row["lam"]
+        assert jobs["mfd"].selection == {
+            "rule": text, "trial_id": row["trial_id"],
+            "val": {"accuracy": row["final_accuracy"], "deo_a": row["final_deo_a"], "deo_m": row["final_deo_m"]},
+        }
+        # ad+hkd's λ is re-picked from its own trials; its T stays the one its search ran with (hkd's best).
+        assert jobs["ad+hkd"].config.T == 4.0 and jobs["ad+hkd"].config.lam in (0.2, 0.7)
+    assert select_trial(trials, parse_rule("constrained:deo_a<=2"))["trial_id"] == "t001"  # 75 % beats t003's 70 %
+    # Seeds done under one rule are that rule's: another rule's folder still has every seed to run.
+    rule = parse_rule("utopia")
+    plan = plan_final(settings_for(tmp_path, methods=("mfd",), rule=rule))
+    io.write_json(final_path(tmp_path, "fmnist-s", "mfd", 0, rule), {"config": plan.jobs[0].config.__dict__, "data": plan.options(0).fingerprint()})
+    assert final_path(tmp_path, "fmnist-s", "mfd", 0, rule).parent.parent.name == "final-utopia"
+    assert plan_final(settings_for(tmp_path, methods=("mfd",), rule=rule)).jobs[0].todo == (1,)
+    assert plan_final(settings_for(tmp_path, methods=("mfd",))).jobs[0].todo == (0, 1)
+    # The default rule reads best.json, as before, and records it.
+    best = plan_final(settings_for(tmp_path, methods=("mfd", "ss")))
+    jobs = {j.method: j for j in best.jobs}
+    assert jobs["mfd"].config.lam == 3.0 and jobs["mfd"].selection == {
+        "rule": "best", "trial_id": None, "val": {"accuracy": 50.0, "deo_a": 5.0, "deo_m": None}}  # fake_best has no id
+    assert jobs["ss"].selection == {"rule": "best", "trial_id": None, "val": None}  # nothing searched
+
+
+def select(capsys, argv, rule):
+    code = main([*argv, "--select", rule])
+    return code, capsys.readouterr().err
+
+
+def test_a_rule_the_search_cannot_serve_is_one_line(tmp_path, capsys):
+    from tests.helpers import assert_one_line_error
+
+    argv = ["final", "--dataset", "fmnist-s", "--results-dir", str(tmp_path), "--data-dir", str(tmp_path), "--method", "mfd"]
+    fake_best(tmp_path, "mfd", {"lam": 3.0})
+    assert_one_line_error(*select(capsys, argv, "knee"), "--select knee needs the trials of the mfd search", "trials.csv is missing")
+    fake_trials(tmp_path, "mfd", [(t, v, "STOPPED", a, d, m) for t, v, _, a, d, m in TRIALS])
+    assert_one_line_error(*select(capsys, argv, "utopia"), "--select utopia: no trial of the mfd search ran every epoch")
+    fake_trials(tmp_path, "mfd", TRIALS)
+    # t002 (DEO_A 1.0) was stopped: the closest completed trial is t003.
+    assert_one_line_error(*select(capsys, argv, "constrained:deo_a<=1.2"), "no completed trial of the mfd search has validation deo_a <= 1.2",
+                          "the closest is t003 with deo_a 1.5")
+    trials = tmp_path / "fmnist-s" / "search" / "mfd" / "trials.csv"
+    trials.write_text(pd.read_csv(trials).drop(columns="final_deo_m").to_csv(index=False))
+    assert_one_line_error(*select(capsys, argv, "constrained:deo_m<=5"), "has no final_deo_m column")
+    trials.write_bytes(b"\x00\xff\xfe garbage")
+    assert_one_line_error(*select(capsys, argv, "knee"), "trials.csv cannot be read as a table", "or use --select best")
+    assert not (tmp_path / "fmnist-s" / "final-knee").exists()
+
+
 class ListQueue:
     """The two calls `_show_epochs` makes on a ``ray.util.queue.Queue``, over a plain list."""
 
@@ -214,6 +289,41 @@ def test_final_reruns_best_configs_per_seed_then_skips_and_forces(ray_session, d
     rerun = json.loads(final_path(tmp_path, "fmnist-s", "ss", 1).read_text())
     assert rerun["test"] == records["ss", 1]["test"]  # same seed, same data, CPU: identical
     assert len(val_curve(tmp_path, "ss", 1)) == 1  # the rerun's curve replaced the first one
+
+
+@pytest.mark.slow
+def test_final_select_reruns_the_rules_trial_into_its_own_folder(ray_session, data_dir, tmp_path, capsys):
+    from fairtune.selection import parse_rule, select_trial
+    from tests.helpers import read_trials
+
+    common = ["--dataset", "fmnist-s", "--data-dir", data_dir, "--results-dir", tmp_path, "--gpus-per-trial", "0"]
+    code, _, err = run(capsys, "search", "--method", "ad", *common, *SIZES, "--num-samples", "3")  # a scalar search
+    assert code == 0, err
+    search = tmp_path / "fmnist-s" / "search" / "ad"
+    trials, best = read_trials(search / "trials.csv"), json.loads((search / "best.json").read_text())
+
+    rule = parse_rule("utopia")
+    code, out, err = run(capsys, "final", *common, "--method", "ad", "--seeds", "0", "--select", "utopia")
+    assert code == 0, err
+    row = select_trial(trials, rule)  # the rule itself: tests/test_selection.py
+    record = json.loads(final_path(tmp_path, "fmnist-s", "ad", 0, rule).read_text())
+    assert final_path(tmp_path, "fmnist-s", "ad", 0, rule).parent.parent.name == "final-utopia"
+    assert record["hyperparameters"] == {"lam": pytest.approx(row["lam"])} and record["config"]["lam"] == pytest.approx(row["lam"])
+    assert record["selection"] == {
+        "rule": "utopia", "trial_id": row["trial_id"],
+        "val": {k: pytest.approx(row[f"final_{k}"]) for k in ("accuracy", "deo_a", "deo_m")},
+    }
+    assert f"ad: trial {row['trial_id']}" in out and "final-utopia" in out
+    assert not (tmp_path / "fmnist-s" / "final").exists() and not (tmp_path / "fmnist-s" / "table.md").exists()
+
+    code, out, err = run(capsys, "final", *common, "--method", "ad", "--seeds", "0")  # --select best, the default
+    assert code == 0, err
+    record = json.loads(final_path(tmp_path, "fmnist-s", "ad", 0).read_text())
+    assert record["hyperparameters"] == best["hyperparameters"]
+    assert list(record)[-1] == "selection" and record["selection"] == {
+        "rule": "best", "trial_id": best["trial_id"], "val": {k: best["val"][k] for k in ("accuracy", "deo_a", "deo_m")},
+    }
+    assert (tmp_path / "fmnist-s" / "table.md").exists()
 
 
 def val_curve(results: Path, method: str, seed: int) -> list[tuple[int, float]]:

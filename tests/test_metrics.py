@@ -105,3 +105,31 @@ def test_objectives():
 def test_empty_split_is_an_error():
     with pytest.raises(ValueError):
         fairness_report(torch.zeros(2, 2), torch.zeros(2, 2))
+
+
+def test_a_multi_objective_names_two_metrics_and_scalarises_them_bigger_is_better():
+    from fairtune.metrics import parse_objective
+
+    goal = parse_objective("deo_a, acc")
+    assert goal.text == "acc,deo_a" and goal.metrics == ("acc", "deo_a") and goal.multi  # canonical order
+    assert goal.directions == ("max", "min") and goal.mode == "max" and goal.scalar_text == "acc-deo_a"
+    assert goal.values(accuracy=80.25, deo_a=10.5, deo_m=30) == (80.25, 10.5)
+    # Its scalar is exactly the default objective's, for ASHA, the ledger and best.json alike.
+    assert objective_value("acc,deo_a", accuracy=80.1, deo_a=10.3, deo_m=30) == objective_value("acc-deo_a", accuracy=80.1, deo_a=10.3, deo_m=30)
+    fair = parse_objective("deo_m,deo_a")
+    assert fair.text == "deo_a,deo_m" and fair.directions == ("min", "min") and fair.scalar_text == "-deo_a-deo_m"
+    assert fair.value(accuracy=80, deo_a=10, deo_m=30) == -40
+    scalar = parse_objective("deo_m")
+    assert not scalar.multi and scalar.directions == ("min",) and scalar.values(accuracy=80, deo_a=10, deo_m=30) == (30,)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("acc,f1", "unknown metric 'f1'"), ("acc,", "unknown metric ''"), ("acc,acc", "names acc twice"),
+    ("acc,deo_a,deo_m", "names 3 metrics"), ("f1", "invalid choice: 'f1'"),
+])
+def test_a_bad_objective_is_one_line(text, fragment):
+    from fairtune.metrics import parse_objective
+
+    with pytest.raises(ValueError, match=fragment) as caught:
+        parse_objective(text)
+    assert len(str(caught.value).splitlines()) == 1

@@ -91,12 +91,65 @@ def test_asha_stops_some_trials_early(ray_session, data_dir, results, capsys):
     assert trials["epochs_run"].sum() < 6 * 4
     best = json.loads((experiment(results, "ad") / "best.json").read_text())
     assert best["budget"]["epochs_if_no_early_stopping"] == 24
+    assert_optuna_was_told(experiment(results, "ad"), ("objective",))  # ASHA's stops are PRUNED in Optuna
     # Two trials at 0.5 GPU each shared the session's one (logical) GPU at the same time.
     spans = []
     for progress in experiment(results, "ad").glob("tune/*/progress.csv"):
         frame = pd.read_csv(progress)
         spans.append((frame["timestamp"].iloc[0] - frame["time_this_iter_s"].iloc[0], frame["timestamp"].iloc[-1]))
     assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1 :])
+
+
+def assert_optuna_was_told(folder: Path, told: tuple[str, ...]) -> None:
+    """Optuna's stored study (what a resume reads) holds each trial's outcome as the ledger has it:
+    COMPLETE with the final epoch's ``told`` values, PRUNED when ASHA stopped it, FAIL on an error;
+    per-epoch objectives as intermediate values only in a single-objective study."""
+    import optuna
+
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert len(study.directions) == len(told)
+    states = {"COMPLETED": "COMPLETE", "STOPPED": "PRUNED", "ERROR": "FAIL"}
+    for trial in ledger(folder)["trials"]:
+        frozen = study.trials[trial["optuna_number"]]
+        assert frozen.params == {"lam": trial["config"]["lam"]}
+        assert frozen.state.name == states[trial["status"]], (trial["id"], frozen.state)
+        if trial["status"] == "COMPLETED":
+            assert frozen.values == pytest.approx([trial["epochs"][-1][key] for key in told])
+        multi = len(told) > 1
+        assert frozen.intermediate_values == ({} if multi else {e["epoch"]: pytest.approx(e["objective"]) for e in trial["epochs"]})
+
+
+def test_multi_objective_search_tells_optuna_both_values_and_writes_the_pareto_set(ray_session, data_dir, tmp_path, capsys):
+    results = tmp_path / "results"
+    code, out, err = search(
+        capsys, data_dir, results, "--method", "ad", "--objective", "deo_a,acc", "--epochs", "3", "--num-samples", "6",
+        "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "1",
+    )
+    assert code == 0, err
+    folder = experiment(results, "ad")
+    trials = assert_search_consistent(folder, 6, 3)  # best.json: the best scalarisation (acc - DEO_A) of the completed trials
+    stopped, completed = trials[trials["status"] == "STOPPED"], trials[trials["status"] == "COMPLETED"]
+    assert len(stopped) >= 1 and len(completed) >= 2  # ASHA stopped some trials on the scalarisation
+    assert (trials["final_objective"] == trials["final_accuracy"] - trials["final_deo_a"]).all()
+
+    import optuna
+
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    assert_optuna_was_told(folder, ("accuracy", "deo_a"))
+
+    # pareto.csv: exactly the completed trials no other completed trial beats on both objectives.
+    points = {row.trial_id: (row.final_accuracy, row.final_deo_a) for row in completed.itertuples()}
+    front = [t for t, (acc, deo) in points.items()
+             if not any(a >= acc and d <= deo and (a, d) != (acc, deo) for a, d in points.values())]
+    pareto = read_trials(folder / "pareto.csv")
+    assert pareto["trial_id"].tolist() == front and len(front) >= 1
+    for column in ("lam", "final_accuracy", "final_deo_a", "final_deo_m"):
+        assert pareto[column].tolist() == pytest.approx(trials.set_index("trial_id").loc[front, column].tolist())
+    best = json.loads((folder / "best.json").read_text())
+    assert best["objective"] == "acc,deo_a" and best["objectives"] == {"acc": "max", "deo_a": "min"}
+    assert best["scalarised"] == "acc-deo_a" and best["pareto_trials"] == front
+    assert f"Pareto set on acc and deo_a (val, completed trials): {', '.join(front)}" in out
 
 
 def test_nothing_to_search_runs_one_trial(ray_session, data_dir, results, capsys):

@@ -1,5 +1,6 @@
 """No config trained twice in a search, and FitNet's hint stage trained once per search: a grid for small
-categorical spaces, repeats told the earlier result (the shared stage's exactness: tests/test_engine.py)."""
+categorical spaces, repeats told the earlier result (the shared stage's exactness: tests/test_engine.py), in a
+multi-objective study too."""
 
 import json
 
@@ -49,6 +50,38 @@ def test_a_repeated_proposal_is_never_trained_and_gets_the_earlier_result(tmp_pa
     ledger.record_epoch("t001", {"epoch": 1, "objective": 30.0, "accuracy": 40.0, "deo_a": 10.0, "deo_m": 20.0}, stopped=True)
     _reconcile(study, ledger)  # as a resume does
     assert study.trials[2].state.name == study.trials[4].state.name == "PRUNED"  # t001 and its repeat, once each
+
+
+def test_a_multi_objective_study_is_told_both_values_and_never_intermediate_ones(tmp_path):
+    import optuna
+
+    from fairtune.tune.cluster import prepare_environment
+
+    prepare_environment(None)
+    from fairtune.tune.search import STUDY_FILE, _open_study, _ray_hooks, _reconcile
+
+    space = SearchSpace("hkd", "T", "choice", values=(1, 2, 3, 4, 5, 10, 20), default=4)
+    created = _open_study(tmp_path, space, "acc,deo_a", 0, "fmnist-s", grid=False)  # T=4 enqueued first
+    assert [d.name for d in created.directions] == ["MAXIMIZE", "MINIMIZE"]
+    storage = f"sqlite:///{tmp_path / STUDY_FILE}"
+    study = optuna.load_study(study_name="search", storage=storage, sampler=ScriptedSampler([4, 2]))
+    ledger = Ledger.create(tmp_path, {})
+    LedgerSearcher, _, _ = _ray_hooks()
+    searcher = LedgerSearcher(ledger, study, space, 2, "max")
+    first = searcher.suggest("a")
+    for epoch, accuracy in ((1, 50.0), (2, 55.5)):
+        ledger.record_epoch(first["fairtune_trial"], {"epoch": epoch, "objective": accuracy - 10.25, "accuracy": accuracy, "deo_a": 10.25, "deo_m": 20.0})
+    ledger.finish(first["fairtune_trial"], "COMPLETED")  # the driver is killed before Optuna is told
+    second = searcher.suggest("b")  # Optuna repeats T=4 (told t000's result at once), then proposes 2
+    assert [first["T"], second["T"]] == [4, 2] and ledger.repeats == [{"optuna_number": 1, "same_as": "t000"}]
+    ledger.record_epoch("t001", {"epoch": 1, "objective": 30.0, "accuracy": 40.0, "deo_a": 10.0, "deo_m": 20.0}, stopped=True)
+    lost = study.ask()  # a suggestion the kill kept from the ledger
+    resumed = optuna.load_study(study_name="search", storage=storage)
+    _reconcile(resumed, ledger)  # as a resume does
+    told = {t.number: (t.state.name, t.values, t.intermediate_values) for t in resumed.trials}
+    assert told[0] == told[1] == ("COMPLETE", [55.5, 10.25], {})  # t000 and its repeat: accuracy and DEO_A
+    assert told[2] == ("PRUNED", None, {})  # stopped by ASHA
+    assert told[lost.number][0] == "FAIL" and told[lost.number + 1][0] == "WAITING"  # its proposal queued again
 
 
 SIZES = ["--train-size", "300", "--eval-size", "100", "--batch-size", "40", "--cpus-per-trial", "1", "--gpus-per-trial", "0"]

@@ -40,6 +40,7 @@ from fairtune.data import DATASETS, DataOptions
 from fairtune.engine import TrainConfig
 from fairtune.methods import all_method_names, get_method
 from fairtune.metrics import objective_value
+from fairtune.selection import BEST, Rule, final_dir
 from fairtune.tune.ledger import TRIAL_KEY, Ledger
 
 TB_FOLDER = "tb"
@@ -55,8 +56,9 @@ def search_run_dir(experiment_dir: str | Path, trial_id: str, parameter: str | N
     return Path(experiment_dir) / TB_FOLDER / name
 
 
-def final_run_dir(results_dir: str | Path, dataset: str, method: str, seed: int) -> Path:
-    return Path(results_dir) / dataset / "final" / method / TB_FOLDER / f"seed{seed}"
+def final_run_dir(results_dir: str | Path, dataset: str, method: str, seed: int, rule: Rule = BEST) -> Path:
+    """Beside the run's record, in the folder of the selection rule that chose its config."""
+    return final_dir(results_dir, dataset, rule) / method / TB_FOLDER / f"seed{seed}"
 
 
 def _experiment_pb():
@@ -238,17 +240,18 @@ class FinalBoard:
     """The final's runs, written by the driver: the selection-split curve as the progress queue brings
     each epoch, then (with the result) any epoch the queue missed and the test metrics."""
 
-    def __init__(self, results_dir: Path, dataset: str, group_names: tuple[str, ...]):
-        self.results_dir, self.dataset, self.group_names = Path(results_dir), dataset, tuple(group_names)
+    def __init__(self, results_dir: Path, dataset: str, group_names: tuple[str, ...], rule: Rule = BEST):
+        self.results_dir, self.dataset, self.group_names, self.rule = Path(results_dir), dataset, tuple(group_names), rule
         self.runs: dict[tuple[str, int], tuple[RunWriter, set[int], str]] = {}
 
     def start(self, config, seed: int) -> None:
         """A run that starts now trains from its first epoch: an older run of it (interrupted,
         or replaced by --force) is cleared."""
-        folder = final_run_dir(self.results_dir, self.dataset, config.method, seed)
+        folder = final_run_dir(self.results_dir, self.dataset, config.method, seed, self.rule)
         shutil.rmtree(folder, ignore_errors=True)
         hparams = _session_hparams(self.dataset, config.method, FINAL, seed, config.hyperparameters())
-        run = RunWriter(folder, hparams, f"{config.method} final seed{seed}")
+        kind = "final" if self.rule == BEST else f"final ({self.rule.text})"
+        run = RunWriter(folder, hparams, f"{config.method} {kind} seed{seed}")
         self.runs[(config.method, seed)] = (run, set(), config.objective)
 
     def epoch(self, method: str, seed: int, metrics: dict) -> None:

@@ -9,6 +9,13 @@ the training skew the method is meant to cope with.
 
 Seed ``k`` uses the teacher of seed ``k``. The `scratch` rows are those teachers: a scratch model
 trained with the same protocol is exactly what the paper reports as "Teacher".
+
+``--select RULE`` (``fairtune.selection``) picks which trial of each search is rerun, on validation
+metrics: ``best`` (the default) is ``best.json``'s config; any other rule is applied to the search's
+``trials.csv``, replacing the searched hyperparameter, and its finals go to ``final-<rule>/``. Every
+seed record says which rule chose it, the trial and its validation metrics (``"selection"``). The
+values a method fixes from another method's search (``ad+hkd``'s T, from hkd) are those its own search
+ran with, from its ``best.json``: a rule re-picks only what the method's own search searched.
 """
 
 from __future__ import annotations
@@ -19,14 +26,17 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
+import pandas as pd
+
 from fairtune import io
 from fairtune.data import DataOptions, dataset_info, load_dataset
 from fairtune.engine import TrainConfig, training_protocol
 from fairtune.errors import UserError
 from fairtune.methods import get_method, in_paper_order
+from fairtune.metrics import parse_objective
 from fairtune.records import ANY_RECORD, BEST_CONFIG, problem, read_record
 from fairtune.runs import best_config_path, check_batches
-from fairtune.selection import BEST, Rule, final_dir
+from fairtune.selection import BEST, Rule, final_dir, select_trial
 from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
 
 Printer = Callable[[str], None]
@@ -37,6 +47,7 @@ PROGRESS_EVERY_S = 30.0
 HYPERPARAMETER_FIELDS = ("method", "T", "lam", "distill_lam")
 PER_SEED_DATA_FIELDS = ("dataset", "seed")
 PROTOCOL_FLAGS = ("epochs", "batch_size", "lr")  # protocol fields the command line sets
+VAL_KEYS = ("accuracy", "deo_a", "deo_m")  # the chosen trial's validation metrics a seed record keeps
 
 
 @dataclass(frozen=True)
@@ -53,15 +64,18 @@ class FinalSettings:
     address: str | None = None
     device: str = "auto"
     force: bool = False
+    rule: Rule = BEST  # which trial of each search is rerun (--select)
 
 
 @dataclass(frozen=True)
 class FinalJob:
-    """One method's config and which of the requested seeds still have to run."""
+    """One method's config, which of the requested seeds still have to run, and how the config was
+    chosen (the ``"selection"`` every seed record gets)."""
 
     config: TrainConfig
     todo: tuple[int, ...]
     done: tuple[int, ...]
+    selection: dict = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -92,6 +106,47 @@ def _read_best(results_dir: Path, dataset: str, method: str) -> dict | None:
         return None
     redo = f"rerun `fairtune search --method {method} --dataset {dataset}`, or delete the file"
     return read_record(path, BEST_CONFIG, redo)
+
+
+def _read_trials(settings: FinalSettings, method: str) -> pd.DataFrame:
+    """The search's trials.csv, with what the rule reads; UserError (one line) otherwise."""
+    path = best_config_path(settings.results_dir, settings.dataset, method).with_name("trials.csv")
+    redo = f"rerun `fairtune search --method {method} --dataset {settings.dataset}`, or use --select best"
+    if not path.exists():
+        raise UserError(f"--select {settings.rule.text} needs the trials of the {method} search, and {path} is missing; {redo}")
+    try:
+        trials = pd.read_csv(path, dtype={"trial_id": str, "error": str})
+    except (OSError, ValueError) as exc:  # pandas' parse errors are ValueErrors
+        raise UserError(f"{path} cannot be read as a table ({str(exc).splitlines()[0][:80]}); {redo}") from None
+    searched = get_method(method).searched
+    needed = ["trial_id", "status", *(f"final_{k}" for k in VAL_KEYS), *([searched] if searched else [])]
+    missing = [c for c in needed if c not in trials]
+    if missing:
+        raise UserError(f"--select {settings.rule.text}: {path} has no {', '.join(missing)} column; {redo}")
+    return trials
+
+
+def _chosen_config(settings: FinalSettings, method: str, best: dict | None) -> tuple[dict, dict]:
+    """(hyperparameters, selection record) of the config ``settings.rule`` picks for ``method``."""
+    rule = settings.rule
+    if best is None:  # nothing searched (the teachers, or a method without hyperparameters): one config
+        return {}, {"rule": rule.text, "trial_id": None, "val": None}
+    if rule == BEST:
+        val = best.get("val") or {}
+        return best["hyperparameters"], {"rule": rule.text, "trial_id": best.get("trial_id"), "val": {k: val.get(k) for k in VAL_KEYS}}
+    path = best_config_path(settings.results_dir, settings.dataset, method)
+    objective = best.get("objective") or (best.get("settings") or {}).get("train", {}).get("objective") or "acc-deo_a"
+    try:
+        objective = parse_objective(str(objective)).text
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}; rerun `fairtune search --method {method} --dataset {settings.dataset}`") from None
+    row = select_trial(_read_trials(settings, method), rule, objective, where=f"the {method} search")
+    hyper = dict(best["hyperparameters"])
+    searched = get_method(method).searched
+    if searched:
+        hyper[searched] = float(row[searched])
+    val = {k: float(row[f"final_{k}"]) for k in VAL_KEYS}
+    return hyper, {"rule": rule.text, "trial_id": str(row["trial_id"]), "val": val}
 
 
 def chosen_methods(settings: FinalSettings) -> list[str]:
@@ -157,17 +212,14 @@ def plan_final(settings: FinalSettings) -> FinalPlan:
     jobs, teacher_seeds = [], set()
     for name in names:
         method = get_method(name)
-        if name in bests:
-            hyper = bests[name]["hyperparameters"]
-        elif method.params:
+        if name not in bests and method.params:
             search = f"fairtune search --method {name} --dataset {settings.dataset}"
             raise UserError(f"{name} has no best config ({best_config_path(settings.results_dir, settings.dataset, name)}); run `{search}` first")
-        else:
-            hyper = {}
+        hyper, selection = _chosen_config(settings, name, bests.get(name))
         config = TrainConfig(method=name, **train, **hyper)
         todo, done = [], []
         for seed in settings.seeds:
-            path = final_path(settings.results_dir, settings.dataset, name, seed)
+            path = final_path(settings.results_dir, settings.dataset, name, seed, settings.rule)
             if path.exists() and not settings.force:
                 record, broken = problem(path, ANY_RECORD)
                 if broken:
@@ -178,7 +230,7 @@ def plan_final(settings: FinalSettings) -> FinalPlan:
                 done.append(seed)
             else:
                 todo.append(seed)
-        jobs.append(FinalJob(config, tuple(todo), tuple(done)))
+        jobs.append(FinalJob(config, tuple(todo), tuple(done), selection))
         if method.needs_teacher or name == "scratch":
             teacher_seeds.update(todo)
     if not (settings.force and "scratch" in names):  # otherwise the teachers are retrained
@@ -224,12 +276,24 @@ def _scratch_record(teacher_record: dict, teacher_file: Path) -> dict:
     return {**teacher_record, "method": "scratch", "teacher": str(teacher_file)}
 
 
+def _selected(record: dict, job: FinalJob) -> dict:
+    """The seed record as written: the run's result, then how its config was chosen."""
+    return {**record, "selection": job.selection}
+
+
 def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) -> list[str]:
     """Run the plan's missing seeds; returns one line per failed run. Each result is written the
     moment it arrives, so an interrupted final loses only the runs in flight."""
     failed: list[str] = []
     shown = ", ".join(f"{j.method} ({len(j.todo)} to run)" if j.todo else f"{j.method} (done)" for j in plan.jobs)
-    say(f"final on {settings.dataset}, seeds {' '.join(map(str, settings.seeds))}: {shown}")
+    rule = "" if settings.rule == BEST else f" (configs chosen by --select {settings.rule.text})"
+    say(f"final on {settings.dataset}, seeds {' '.join(map(str, settings.seeds))}{rule}: {shown}")
+    for job in plan.jobs if settings.rule != BEST else ():
+        if job.selection.get("trial_id") is not None:
+            val = job.selection["val"]
+            hyper = ", ".join(f"{k}={v:g}" for k, v in job.config.hyperparameters().items()) or "no hyperparameters"
+            say(f"  {job.method}: trial {job.selection['trial_id']} ({hyper}; val accuracy {val['accuracy']:.2f}, "
+                f"DEO_A {val['deo_a']:.2f}, DEO_M {val['deo_m']:.2f})")
     if not plan.runs_todo:
         say("every seed is done already (--force reruns)")
         return failed
@@ -253,7 +317,7 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
     run_task = ray.remote(**resources)(method_run_task)
     data_dir = str(Path(settings.data_dir).resolve())
     progress = Queue(actor_options={"num_cpus": 0})  # epochs finished by the tasks, for the progress lines
-    board = FinalBoard(settings.results_dir, settings.dataset, dataset_info(plan.data).group_names)  # TensorBoard runs
+    board = FinalBoard(settings.results_dir, settings.dataset, dataset_info(plan.data).group_names, settings.rule)  # TensorBoard runs
     try:
         args = (data_dir, settings.device, settings.cpus_per_trial)
         jobs = {job.method: job for job in plan.jobs}
@@ -275,7 +339,7 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
                 teachers[seed] = ray.put(stored.pop(seed))
                 if scratch and seed in scratch.todo:
                     files = teacher_paths(settings.results_dir, settings.dataset, seed)
-                    _write_scratch_from_disk(settings, files, seed, say)
+                    _write_scratch_from_disk(settings, scratch, files, seed, say)
                     board.start(base, seed)
                     board.finish("scratch", seed, json.loads(files.metrics.read_text()))
                 continue
@@ -311,7 +375,7 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
                 say(f"  [{finished}/{total}] {method} seed {seed} FAILED: {_failure(exc)}")
                 board.finish(method, seed, None)
                 continue
-            path = final_path(settings.results_dir, settings.dataset, method, seed)
+            path = final_path(settings.results_dir, settings.dataset, method, seed, settings.rule)
             try:
                 if state_ref is not None:  # a teacher: store it; it is also the scratch row of its seed
                     files = teacher_paths(settings.results_dir, settings.dataset, seed)
@@ -320,6 +384,7 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
                         say(f"  [{finished}/{total}] teacher seed {seed}: wrote {files.weights}")
                         continue
                     record = _scratch_record(record, files.weights)
+                record = _selected(record, jobs[method])
                 io.write_json(path, record)
             except OSError as exc:  # a full or read-only disk: this run is lost, the others still land
                 reason = f"cannot write under {path.parent} ({exc.strerror or exc})"
@@ -364,11 +429,11 @@ def _show_epochs(progress, shown_at: dict[str, float], say: Printer, board=None)
         )
 
 
-def _write_scratch_from_disk(settings: FinalSettings, files, seed: int, say: Printer) -> None:
+def _write_scratch_from_disk(settings: FinalSettings, job: FinalJob, files, seed: int, say: Printer) -> None:
     """A teacher trained earlier (by the search) is the scratch result of its seed."""
     stored = json.loads(files.metrics.read_text())
-    path = final_path(settings.results_dir, settings.dataset, "scratch", seed)
-    io.write_json(path, _scratch_record(stored, files.weights))
+    path = final_path(settings.results_dir, settings.dataset, "scratch", seed, settings.rule)
+    io.write_json(path, _selected(_scratch_record(stored, files.weights), job))
     test = stored["test"]
     say(f"  scratch seed {seed}: the stored teacher, test accuracy {test['accuracy']:.2f}  DEO_A {test['deo_a']:.2f} -> {path}")
 

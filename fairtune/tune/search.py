@@ -4,6 +4,17 @@ The teacher (when the method needs one) is loaded from ``results/<D>/teachers/``
 Ray task, and reaches every trial through the object store (``tune.with_parameters``), so no node
 needs a shared filesystem for it. The experiment lives in ``results/<D>/search/<method>/``; the
 search writes ``best.json`` and ``trials.csv`` beside Tune's files when it ends.
+
+A multi-objective search (``--objective acc,deo_a``: two of acc, deo_a, deo_m; ``fairtune.metrics.
+Objective`` defines them) keeps the same machinery. Optuna's study is created with both directions
+and its TPESampler samples as MOTPE. Each trial is told COMPLETE with its two final-epoch values,
+PRUNED when ASHA stopped it, FAIL on an error; it is never given intermediate values, which
+``Trial.report`` refuses in a multi-objective study. ASHA needs one number, so it ranks the trials at
+its rungs on the equal-weight scalarisation every epoch reports as ``objective`` (accuracy - DEO_A
+for acc,deo_a: today's default objective); see ``run_search``. ``best.json`` holds the trial best on
+that scalarisation (the ``best`` rule: ``fairtune final`` without ``--select`` reruns it), names the
+objectives, and lists the validation Pareto set, written in full to ``pareto.csv`` beside
+``trials.csv``; other picks from the front are named rules (``fairtune.selection``).
 """
 
 from __future__ import annotations
@@ -21,8 +32,9 @@ from fairtune.data import DataOptions, dataset_info
 from fairtune.engine import TrainConfig
 from fairtune.errors import UserError
 from fairtune.methods import get_method
-from fairtune.metrics import objective_mode
+from fairtune.metrics import objective_mode, parse_objective
 from fairtune.schedule import asha_plan
+from fairtune.selection import BEST, pareto_set, select_trial
 from fairtune.spaces import SPACES_DIR, SearchSpace, load_space
 from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
 from fairtune.tune.cluster import check_resources, connect
@@ -33,6 +45,8 @@ from fairtune.tune.tasks import train_teacher_task
 
 Printer = Callable[[str], None]
 STUDY_FILE, STUDY_NAME = "optuna.db", "search"
+OBJECTIVE_ATTR = "objective"  # the study's user attribute naming the --objective it was created for
+PARETO_FILE = "pareto.csv"
 MAX_REPEATS = 50  # proposals in a row that repeat a trained config before one is picked by hand
 TUNE_FOLDER = "tune"  # Ray Tune's own files (a fresh experiment per driver session: trial folders, TensorBoard)
 
@@ -112,20 +126,26 @@ def _shared_hint_stage(settings: SearchSettings, space: SearchSpace, teacher_sta
 # -- the search's hooks into Tune: searcher, scheduler and callback all read and write the ledger ---------
 
 
-def _open_study(folder: Path, space: SearchSpace, mode: str, seed: int, dataset: str, grid: bool):
+def _open_study(folder: Path, space: SearchSpace, objective: str, seed: int, dataset: str, grid: bool):
     """The searcher's memory in Optuna's own storage (SQLite, transactional, so a kill never tears it;
-    ``optuna-dashboard sqlite:///…/optuna.db`` opens it). Created with the paper's value enqueued first."""
+    ``optuna-dashboard sqlite:///…/optuna.db`` opens it). Created with the paper's value enqueued first,
+    and the objective it optimises recorded in it (what each trial is told follows from that)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(f"sqlite:///{folder / STUDY_FILE}")
     existed = bool(optuna.study.get_all_study_names(storage))
+    goal = parse_objective(objective)
+    directions = ["maximize" if d == "max" else "minimize" for d in goal.directions]
     study = optuna.create_study(
         study_name=STUDY_NAME, storage=storage, load_if_exists=True,
-        direction="maximize" if mode == "max" else "minimize",
+        **({"directions": directions} if goal.multi else {"direction": directions[0]}),
+        # TPESampler handles several directions itself (MOTPE: optuna/samplers/_tpe/sampler.py).
         # A resumed search reseeds with the number of trials so far: never re-proposes the same sequence.
         sampler=optuna.samplers.TPESampler(seed=seed),
     )
+    if OBJECTIVE_ATTR not in study.user_attrs:  # (checked, not assumed: a kill may fall right after creation)
+        study.set_user_attr(OBJECTIVE_ATTR, goal.text)
     if not existed:
         for value in _first_values(space, dataset, grid):
             study.enqueue_trial({space.parameter: value})
@@ -153,8 +173,9 @@ def _distribution(space: SearchSpace):
 
 
 def _tell(study, trial: TrialRecord) -> None:
-    """Give Optuna a finished trial exactly once: its per-epoch objectives as intermediate values, then
-    COMPLETE with the last epoch's objective, PRUNED when ASHA stopped it, FAIL on an error."""
+    """Give Optuna a finished trial exactly once: its per-epoch objectives as intermediate values (a
+    single-objective study only), then COMPLETE with the last epoch's value(s), PRUNED when ASHA
+    stopped it, FAIL on an error."""
     import optuna
 
     if trial.optuna_number is None:
@@ -162,19 +183,32 @@ def _tell(study, trial: TrialRecord) -> None:
     frozen = study.get_trials(deepcopy=False)[trial.optuna_number]
     if frozen.state.is_finished():
         return
-    live = optuna.Trial(study, frozen._trial_id)
-    for record in trial.epochs:
-        if record["epoch"] not in frozen.intermediate_values:
-            live.report(record["objective"], record["epoch"])
+    if len(study.directions) == 1:  # Trial.report raises NotImplementedError in a multi-objective study
+        live = optuna.Trial(study, frozen._trial_id)
+        for record in trial.epochs:
+            if record["epoch"] not in frozen.intermediate_values:
+                live.report(record["objective"], record["epoch"])
     _tell_result(study, trial.optuna_number, trial)
 
 
+def _told_values(study, epoch: dict) -> float | list[float]:
+    """What Optuna is told for a trial that ended at ``epoch``: its objective, or in a
+    multi-objective study the values of the metrics the study was created for."""
+    if len(study.directions) == 1:
+        return epoch["objective"]
+    goal = parse_objective(study.user_attrs[OBJECTIVE_ATTR])
+    return list(goal.values(accuracy=epoch["accuracy"], deo_a=epoch["deo_a"], deo_m=epoch["deo_m"]))
+
+
 def _tell_result(study, number: int, trial: TrialRecord) -> None:
-    """Tell Optuna's trial ``number`` the outcome of ``trial`` (itself, or the trial it repeats)."""
+    """Tell Optuna's trial ``number`` the outcome of ``trial`` (itself, or the trial it repeats).
+
+    PRUNED takes no values in any study (optuna/study/_tell.py); with no intermediate value, as in a
+    multi-objective study, the trial keeps none, and MOTPE ranks it after every completed trial."""
     from optuna.trial import TrialState
 
     if trial.status == COMPLETED and trial.epochs:
-        study.tell(number, trial.epochs[-1]["objective"])
+        study.tell(number, _told_values(study, trial.epochs[-1]))
     else:
         study.tell(number, state=TrialState.PRUNED if trial.status == STOPPED else TrialState.FAIL)
 
@@ -217,7 +251,9 @@ def _ray_hooks():
         """Relaunches the ledger's interrupted trials first, then asks Optuna for the missing ones.
 
         Hand-written rather than Ray's OptunaSearch: that one keeps its study in memory and saves it
-        with Tune's own (racy) experiment state; here Optuna's storage is the durable record."""
+        with Tune's own (racy) experiment state, which a search never restores (docs/ray.md, "Why a
+        search never restores Tune's own state"); here Optuna's storage is the durable record. A
+        multi-objective search keeps it for the same reason: only the study's directions change."""
 
         def __init__(self, ledger: Ledger, study, space: SearchSpace, num_samples: int, mode: str):
             super().__init__(metric="objective", mode=mode)
@@ -448,7 +484,7 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
     if grid and not ledger.trials:
         say(f"{space.parameter} takes {len(space.values)} values, no more than --num-samples {settings.num_samples}: "
             f"running each once (a grid, the paper's value first) instead of sampling repeats")
-    study = _open_study(folder, space, mode, settings.data.seed, settings.data.dataset, grid) if space.parameter else None
+    study = _open_study(folder, space, settings.base.objective, settings.data.seed, settings.data.dataset, grid) if space.parameter else None
     if study is not None:
         _reconcile(study, ledger)
     if settings.base.hint_epochs and space.parameter and not ledger.complete(num_samples):
@@ -469,6 +505,12 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
     )
     launches = len(ledger.unfinished()) + max(num_samples - len(ledger.trials), 0)
     if launches:
+        # ASHA ranks the trials at a rung on one number, the reported ``objective``. In a
+        # multi-objective search that is the equal-weight scalarisation of its two objectives, signed so
+        # bigger is better (acc,deo_a: accuracy - DEO_A, the default scalar objective): ASHA still stops
+        # the trials poor on that trade-off and saves their epochs. The price: a trial headed for an end
+        # of the front (very accurate but unfair, say) can be stopped before it gets there;
+        # ``--grace-period E`` turns early stopping off where the whole front matters more than epochs.
         scheduler = LedgerASHA(
             ledger, metric="objective", mode=mode, time_attr=rungs.time_attr, max_t=rungs.max_t,
             grace_period=rungs.grace_period, reduction_factor=rungs.reduction_factor,
@@ -500,6 +542,8 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
         )
     trials = trials_table(ledger, space.parameter, settings.base.objective)
     io.write_text(folder / "trials.csv", trials.to_csv(index=False))
+    if parse_objective(settings.base.objective).multi:
+        io.write_text(folder / PARETO_FILE, pareto_table(trials, space.parameter, settings.base.objective).to_csv(index=False))
     shared = settings.base.hint_epochs if hint_stage_file(folder).exists() else 0
     best = best_record(trials, settings, space, epochs, ledger.seconds)
     best["budget"].update(
@@ -518,19 +562,23 @@ def _trial_name(trial, parameter: str | None) -> str:
     return f"{trial.config[TRIAL_KEY]}{value}_{trial.trial_id}"
 
 
+def pareto_table(trials: pd.DataFrame, parameter: str | None, objective: str) -> pd.DataFrame:
+    """pareto.csv: the validation Pareto set of the completed trials on the search's two objectives."""
+    columns = ["trial_id", parameter or "parameter", "final_accuracy", "final_deo_a", "final_deo_m", "final_objective"]
+    return pareto_set(trials, objective)[columns]
+
+
 def best_record(trials: pd.DataFrame, settings: SearchSettings, space: SearchSpace, epochs: int, seconds: float) -> dict:
-    """The chosen config: best final-epoch objective among trials that ran every epoch (SPEC §6
-    reports the model after the last epoch), else among all trials that reported anything."""
-    mode = objective_mode(settings.base.objective)
-    scored = trials[trials["final_objective"].notna()] if "final_objective" in trials else trials.iloc[0:0]
-    complete = scored[scored["status"] == "COMPLETED"]
-    pool = complete if len(complete) else scored
-    if not len(pool):
+    """The chosen config: the ``best`` rule (fairtune.selection): best final-epoch objective among
+    trials that ran every epoch (SPEC §6 reports the model after the last epoch), else among all
+    trials that reported anything."""
+    goal = parse_objective(settings.base.objective)
+    if "final_objective" not in trials or trials["final_objective"].isna().all():
         raise UserError(
             f"every trial of the {settings.base.method} search failed (see {settings.experiment_dir / 'trials.csv'}); "
             "check the errors there, e.g. lower the λ range or --lr"
         )
-    row = pool.loc[pool["final_objective"].idxmax() if mode == "max" else pool["final_objective"].idxmin()]
+    row = select_trial(trials, BEST, goal.text)
     hyper = {p: v for p, v in settings.base.hyperparameters().items()}
     if space.parameter:
         hyper[space.parameter] = float(row[space.parameter])
@@ -540,8 +588,13 @@ def best_record(trials: pd.DataFrame, settings: SearchSettings, space: SearchSpa
         "hyperparameters": hyper,
         "searched": space.parameter,
         "objective": settings.base.objective,
-        "mode": mode,
+        "mode": goal.mode,
         "objective_value": float(row["final_objective"]),
+        **({
+            "objectives": dict(zip(goal.metrics, goal.directions)),
+            "scalarised": goal.scalar_text,  # what objective_value, ASHA's rungs and this pick compare
+            "pareto_trials": pareto_set(trials, goal.text)["trial_id"].tolist(),
+        } if goal.multi else {}),
         "val": {
             "accuracy": float(row["final_accuracy"]),
             "deo_a": float(row["final_deo_a"]),
