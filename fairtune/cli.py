@@ -96,6 +96,20 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_search(p: argparse.ArgumentParser) -> None:
+    """The options of a search (`search`, and every search of `protocol`)."""
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="data, teacher and TPE seed of the search")
+    p.add_argument("--T", type=float, default=None, help="fixed T for ad+hkd / ad+fitnet (default: the best found for hkd / fitnet)")
+    p.add_argument("--distill-lam", type=float, default=None, help="fixed distillation λ for ad+at / ad+nst")
+    p.add_argument("--adv-lr", type=_positive_float, default=3e-3)
+    p.add_argument("--num-samples", type=_positive_int, default=16, help="trials (default 16)")
+    p.add_argument("--grace-period", type=_positive_int, default=None, help="ASHA's first rung in epochs of the main stage (default E/10; FitNet: after its hint stage)")
+    p.add_argument("--reduction-factor", type=_reduction, default=3, help="ASHA's reduction factor (default 3)")
+    p.add_argument("--max-concurrent", type=_positive_int, default=None, help="trials of one search running at once (default: as resources allow)")
+    _add_cluster(p)
+    p.add_argument("--max-failures", type=_non_negative_int, default=2, help="retries of a crashed trial from its last checkpoint")
+
+
 # Flags of `final` that default to what the searches used (best.json) instead of fixed values.
 TRAIN_PROTOCOL_FLAGS = ("epochs", "batch_size", "lr", "adv_lr", "objective", "compile")
 DATA_PROTOCOL_FLAGS = ("skew", "train_size", "eval_size", "target", "select_on")
@@ -124,16 +138,7 @@ def build_parser() -> Parser:
     search = commands.add_parser("search", help="Ray Tune search of a method's hyperparameter (Optuna TPE + ASHA)")
     search.add_argument("--method", required=True, help="e.g. hkd, mfd, ad+fitnet (see `fairtune list`)")
     _add_common(search)
-    search.add_argument("--seed", type=_non_negative_int, default=0, help="data, teacher and TPE seed")
-    search.add_argument("--T", type=float, default=None, help="fixed T for ad+hkd / ad+fitnet (default: the best found for hkd / fitnet)")
-    search.add_argument("--distill-lam", type=float, default=None, help="fixed distillation λ for ad+at / ad+nst")
-    search.add_argument("--adv-lr", type=_positive_float, default=3e-3)
-    search.add_argument("--num-samples", type=_positive_int, default=16, help="trials (default 16)")
-    search.add_argument("--grace-period", type=_positive_int, default=None, help="ASHA's first rung in epochs of the main stage (default E/10; FitNet: after its hint stage)")
-    search.add_argument("--reduction-factor", type=_reduction, default=3, help="ASHA's reduction factor (default 3)")
-    search.add_argument("--max-concurrent", type=_positive_int, default=None, help="trials running at once (default: as resources allow)")
-    _add_cluster(search)
-    search.add_argument("--max-failures", type=_non_negative_int, default=2, help="retries of a crashed trial from its last checkpoint")
+    _add_search(search)
     search.add_argument("--resume", action="store_true", help="continue an interrupted search from its checkpoints")
 
     teacher = commands.add_parser("teacher", help="train and cache teachers (scratch models) per seed")
@@ -169,16 +174,7 @@ def build_parser() -> Parser:
     protocol.add_argument("--method", nargs="+", default=None, help="methods (default: the paper's twelve, see `fairtune list`)")
     _add_common(protocol)
     protocol.add_argument("--seeds", type=_non_negative_int, nargs="+", default=[0, 1, 2, 3], help="seeds of the final reruns")
-    protocol.add_argument("--seed", type=_non_negative_int, default=0, help="the searches' data, teacher and TPE seed")
-    protocol.add_argument("--T", type=float, default=None, help="fixed T for ad+hkd / ad+fitnet instead of hkd's / fitnet's best")
-    protocol.add_argument("--distill-lam", type=float, default=None, help="fixed distillation λ for ad+at / ad+nst")
-    protocol.add_argument("--adv-lr", type=_positive_float, default=3e-3)
-    protocol.add_argument("--num-samples", type=_positive_int, default=16, help="trials per search (default 16)")
-    protocol.add_argument("--grace-period", type=_positive_int, default=None, help="ASHA's first rung (default E/10)")
-    protocol.add_argument("--reduction-factor", type=_reduction, default=3)
-    protocol.add_argument("--max-concurrent", type=_positive_int, default=None, help="trials of one search running at once")
-    _add_cluster(protocol)
-    protocol.add_argument("--max-failures", type=_non_negative_int, default=2, help="retries of a crashed trial")
+    _add_search(protocol)
     protocol.add_argument("--refresh", type=_positive_float, default=None, help="seconds between status blocks (default 2 on a terminal, else 30)")
 
     report = commands.add_parser("report", help="rebuild tables and plots from results on disk (no training)")

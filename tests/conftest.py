@@ -18,3 +18,14 @@ def ray_session():
     connect(None, num_cpus=2, num_gpus=1)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Fashion-MNIST IDX files for the end-to-end tests, written once. 520 per class: fmnist-s holds
+    out 500 per class for validation before any subsample."""
+    from tests.fixtures.idx import write_fashion_mnist
+
+    root = tmp_path_factory.mktemp("data")
+    write_fashion_mnist(root, n_train_per_class=520, n_test_per_class=20)
+    return root

@@ -12,7 +12,6 @@ from fairtune.cli import main
 from fairtune.errors import UserError
 from fairtune.tune import final
 from fairtune.tune.final import FinalSettings, final_path, plan_final
-from tests.fixtures.idx import write_fashion_mnist
 
 SIZES = ["--train-size", "300", "--eval-size", "100", "--batch-size", "40", "--epochs", "1"]
 
@@ -208,13 +207,6 @@ def test_epoch_lines_show_each_runs_newest_epoch_at_most_every_interval(monkeypa
 
 
 # -- end to end on Ray ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_fashion_mnist(root, n_train_per_class=520, n_test_per_class=20)
-    return root
 
 
 def run(capsys, *argv):

@@ -12,7 +12,6 @@ import pytest
 
 from fairtune.cli import main, status_lines
 from fairtune.tune.protocol import MethodProgress, Status
-from tests.fixtures.idx import write_fashion_mnist
 from tests.helpers import Driver, assert_one_line_error, assert_search_consistent, experiment, ledger, read_trials
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,13 +19,6 @@ EPOCHS, SAMPLES = 2, 2
 SIZES = ["--train-size", "300", "--eval-size", "100", "--batch-size", "40", "--cpus-per-trial", "1", "--gpus-per-trial", "0",
          "--epochs", str(EPOCHS)]
 SEARCH = ["--num-samples", str(SAMPLES), "--grace-period", "1"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_fashion_mnist(root, n_train_per_class=520, n_test_per_class=20)
-    return root
 
 
 @pytest.fixture(scope="module")

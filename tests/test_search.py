@@ -11,20 +11,11 @@ import pandas as pd
 import pytest
 
 from fairtune.cli import main
-from tests.fixtures.idx import write_fashion_mnist
 from tests.helpers import Driver, assert_one_line_error, assert_search_consistent, experiment, ledger, ledger_trials, read_trials, snapshot
 
 pytestmark = pytest.mark.slow
 SIZES = ["--train-size", "300", "--eval-size", "100", "--batch-size", "40", "--cpus-per-trial", "1", "--gpus-per-trial", "0.5"]
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    # 520 per class: fmnist-s holds out 500 per class for validation before the subsample.
-    root = tmp_path_factory.mktemp("data")
-    write_fashion_mnist(root, n_train_per_class=520, n_test_per_class=20)
-    return root
 
 
 @pytest.fixture(scope="module")
