@@ -152,6 +152,20 @@ class Driver:
             time.sleep(poll)
         return True
 
+    def interrupt_when(self, condition, what: str, timeout: float = 120) -> str:
+        """Ctrl-C (SIGINT) the driver once ``condition()`` holds; its output once it has exited."""
+        import signal
+
+        try:
+            assert self.wait_for(condition, what), self.output()
+            self.signal(signal.SIGINT)
+            self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.kill()
+            self.reap()
+        return self.output()
+
     def signal(self, signum) -> None:
         import os
 

@@ -4,7 +4,6 @@ those `search` and `final` write; bad input costs one line and starts nothing.""
 
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import pandas as pd
@@ -42,16 +41,7 @@ def protocol_run(ray_session, data_dir, overflowing_spaces, tmp_path_factory):
     argv = protocol_argv(data_dir, results, "--method", "scratch", "hkd", "ad+hkd", "mmd", "--search-spaces", overflowing_spaces)
     driver = Driver(argv, results / "first.log", REPO, command="protocol")
     hkd = experiment(results, "hkd")
-    try:
-        started = driver.wait_for(lambda: (hkd / "ledger.json").exists() and any(t["epochs"] for t in ledger(hkd)["trials"]), "hkd epoch")
-        assert started, driver.output()
-        driver.signal(signal.SIGINT)
-        driver.proc.wait(timeout=120)
-    finally:
-        if driver.proc.poll() is None:
-            driver.kill()
-        driver.reap()
-    first = driver.output()
+    first = driver.interrupt_when(lambda: (hkd / "ledger.json").exists() and any(t["epochs"] for t in ledger(hkd)["trials"]), "hkd epoch")
     interrupted = {"code": driver.proc.returncode, "output": first, "best_hkd_existed": (hkd / "best.json").exists()}
     import io
     from contextlib import redirect_stderr, redirect_stdout

@@ -155,15 +155,7 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(ray_session, fmnist_dir, tmp_p
     argv = ["--dataset", "fmnist-s", "--method", "ss", "--epochs", str(SS_EPOCHS), "--train-size", "600", "--eval-size", "200",
             "--batch-size", "40", "--gpus-per-trial", "0", "--data-dir", str(fmnist_dir), "--results-dir", str(results)]
     driver = Driver(argv, tmp_path / "driver.log", REPO)
-    try:
-        assert driver.wait_for(lambda: any(x["epochs"] for x in _trials_now(folder).values()), "first epoch")
-        driver.signal(signal.SIGINT)
-        driver.proc.wait(timeout=120)
-    finally:
-        if driver.proc.poll() is None:
-            driver.kill()
-        driver.reap()
-    output = driver.output()
+    output = driver.interrupt_when(lambda: any(x["epochs"] for x in _trials_now(folder).values()), "first epoch")
     assert driver.proc.returncode == 130, output
     assert "Traceback" not in output, output
     assert "--resume" in output.strip().splitlines()[-1], output
