@@ -30,11 +30,12 @@ prepare_environment(None)  # before anything imports ray: a loopback-only local 
 import pandas as pd  # noqa: E402
 
 from _timing import append_results, device  # noqa: E402
-from bench_search import missing_prerequisite  # noqa: E402
+from bench_search import missing_prerequisite, run_arm  # noqa: E402
 from fairtune.data import DataOptions, default_data_dir  # noqa: E402
 from fairtune.engine import TrainConfig  # noqa: E402
 from fairtune.selection import completed_trials, hypervolume_2d, losses, pareto_set  # noqa: E402
-from fairtune.tune.search import SearchSettings, default_grace_period, run_search  # noqa: E402
+from fairtune.schedule import default_grace_period  # noqa: E402
+from fairtune.tune.search import SearchSettings  # noqa: E402
 
 METHOD, REDUCTION = "mfd", 3
 ARMS = (("multi-objective acc,deo_a", "acc,deo_a"), ("scalar acc-deo_a", "acc-deo_a"))
@@ -60,11 +61,6 @@ def front_hypervolume(trials: pd.DataFrame) -> float:
     """Hypervolume (percentage points²) of the completed trials on (accuracy, DEO_A)."""
     points = losses(completed_trials(trials), ("acc", "deo_a"))
     return hypervolume_2d(points, (-REFERENCE[0], REFERENCE[1]))
-
-
-def run_arm(settings: SearchSettings) -> tuple[dict, pd.DataFrame]:
-    best = run_search(settings, say=lambda line: None)
-    return best, pd.read_csv(settings.experiment_dir / "trials.csv", dtype={"trial_id": str})
 
 
 def main() -> None:
