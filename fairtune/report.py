@@ -29,7 +29,7 @@ from fairtune.engine import training_protocol
 from fairtune.errors import UserError
 from fairtune.methods import get_method, in_paper_order
 from fairtune.records import BEST_CONFIG, BEST_CONFIG_VAL, FINAL_RUN, read_record
-from fairtune.selection import BEST, Rule, final_dir, parse_rule
+from fairtune.selection import BEST, Rule, final_dir, pareto_mask, parse_rule
 from fairtune.spaces import load_space
 from fairtune.stats import ALPHA, ci_half_width, welch_p
 
@@ -376,18 +376,6 @@ def selection_markdown(tables: dict[Rule, pd.DataFrame], dataset: str) -> str:
 # -- plots ------------------------------------------------------------------------------------
 
 
-def pareto_front(accuracy: np.ndarray, deo: np.ndarray) -> np.ndarray:
-    """Mask of points no other point beats on both axes (higher accuracy, lower DEO_A)."""
-    order = np.lexsort((deo, -accuracy))  # by accuracy descending, then DEO ascending
-    mask = np.zeros(len(accuracy), dtype=bool)
-    lowest = np.inf
-    for i in order:
-        if deo[i] < lowest:
-            mask[i] = True
-            lowest = deo[i]
-    return mask
-
-
 def _read_table(path: Path, required: Sequence[str], fix: str) -> pd.DataFrame:
     """A CSV fairtune wrote, with ``required`` columns; UserError naming the file and ``fix`` otherwise."""
     try:
@@ -462,7 +450,7 @@ def plot_pareto(results_dir: Path, dataset: str, table: pd.DataFrame, rule: Rule
     for method, rows in trials.groupby("method"):
         axis.scatter(rows["deo_a"], rows["accuracy"], s=18, alpha=0.45, color=colours[method])
     if len(trials):
-        front = trials[pareto_front(trials["accuracy"].to_numpy(), trials["deo_a"].to_numpy())].sort_values("deo_a")
+        front = trials[pareto_mask(np.column_stack([-trials["accuracy"], trials["deo_a"]]))].sort_values("deo_a")
         axis.step(front["deo_a"], front["accuracy"], where="post", color="black", lw=1, ls="--", label="Pareto front of all trials (val)")
     for method, front in fronts.items():
         # "post": at any DEO_A the line gives the best accuracy the set reaches at that DEO_A or lower.

@@ -13,13 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from fairtune import io
 from fairtune.cli import main
 from fairtune.errors import UserError
-from fairtune.report import load_final_runs, pareto_front, summarize, write_report
+from fairtune.report import load_final_runs, summarize, write_report
 
 METHODS = {"mfd": {"lam": 3.0}, "scratch": {}, "mmd": {"lam": 0.05}, "hkd": {"T": 4.0}, "ad+hkd": {"lam": 0.01, "T": 4.0}}
 
@@ -158,22 +156,6 @@ def test_mixed_hyperparameters_across_seeds_are_refused(results):
     io.write_json(path, record | {"hyperparameters": {"lam": 9.0}})
     with pytest.raises(UserError, match="mfd"):
         summarize(load_final_runs(results, "cifar10s"), "cifar10s")
-
-
-def brute_force_front(accuracy, deo):
-    n = len(accuracy)
-    return np.array([
-        not any((accuracy[j] >= accuracy[i] and deo[j] <= deo[i]) and (accuracy[j] > accuracy[i] or deo[j] < deo[i]) for j in range(n))
-        for i in range(n)
-    ])
-
-
-@settings(max_examples=80, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), min_size=1, max_size=30, unique=True))
-def test_pareto_front_matches_pairwise_dominance(points):
-    accuracy = np.array([p[0] for p in points], dtype=float)
-    deo = np.array([p[1] for p in points], dtype=float)
-    assert (pareto_front(accuracy, deo) == brute_force_front(accuracy, deo)).all()
 
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed (Debian: texlive-latex-recommended)")
