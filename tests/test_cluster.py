@@ -202,14 +202,20 @@ class Cluster:
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     def processes(self) -> list[psutil.Process]:
-        found = []
+        """Every process of this cluster: those carrying its marker, and their descendants. Ray's
+        agents and workers set their process title over the start of their environment block, which
+        hides it from ``psutil``'s parser: the raw block is searched, and children are followed."""
+        marker = f"{MARKER}={self.root}".encode()
+        found = {}
         for proc in psutil.process_iter():
             try:
-                if proc.environ().get(MARKER) == str(self.root):
-                    found.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                raw = Path(f"/proc/{proc.pid}/environ").read_bytes()
+                if marker in raw.split(b"\0"):
+                    found[proc.pid] = proc
+                    found.update((child.pid, child) for child in proc.children(recursive=True))
+            except (OSError, psutil.Error):
                 continue
-        return found
+        return list(found.values())
 
     def stop(self) -> list[psutil.Process]:
         """The recipe's `ray stop`, for this cluster alone; returns the processes that outlived it."""
@@ -362,7 +368,7 @@ def test_final_runs_every_seed_on_the_worker_node(cluster, data_dir, results):
 def test_stop_ends_every_process_of_the_cluster(cluster):
     assert step("stop")[1] == ["ray", "stop"]
     names = {p.name() for p in cluster.processes()}
-    assert {"gcs_server", "raylet"} <= names, names
+    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names, names
     assert cluster.stop() == []
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", cluster.port), timeout=2).close()
