@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import psutil
@@ -80,6 +81,8 @@ def test_a_token_path_naming_no_file_is_a_one_line_error(token_env, tmp_path, mo
 
 
 def test_token_mode_is_switched_on_only_to_join_a_cluster_with_a_token(token_env, monkeypatch):
+    # As before `import ray` in a fresh `fairtune` process (afterwards the mode is left alone).
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
     cluster_module.prepare_environment("127.0.0.1:6379")
     assert "RAY_AUTH_MODE" not in os.environ  # no token: nothing to send
     (token_env / ".ray").mkdir()
@@ -91,6 +94,16 @@ def test_token_mode_is_switched_on_only_to_join_a_cluster_with_a_token(token_env
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     cluster_module.prepare_environment("10.0.0.1:6379")
     assert os.environ["RAY_AUTH_MODE"] == "disabled"  # the user's choice is kept
+
+
+def test_token_mode_is_left_alone_once_ray_is_imported(token_env, monkeypatch):
+    """Set after the import it would split this process (the mode it read) from the Ray processes it
+    starts (the new one): a later local ray.init fails to start its GCS."""
+    (token_env / ".ray").mkdir()
+    (token_env / ".ray" / "auth_token").write_text("home-token")
+    monkeypatch.setitem(sys.modules, "ray", sys.modules.get("ray") or types.ModuleType("ray"))
+    cluster_module.prepare_environment("127.0.0.1:6379")
+    assert "RAY_AUTH_MODE" not in os.environ
 
 
 def test_ray_init_refusals_are_told_from_other_connection_failures():

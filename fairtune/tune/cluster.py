@@ -72,9 +72,11 @@ def prepare_environment(address: str | None) -> None:
         if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
             raise RuntimeError("ray was imported before the loopback-only environment was set")
         os.environ.update(LOCAL_ONLY_ENV)
-    elif AUTH_MODE not in os.environ and find_token()[0] is not None:
+    elif AUTH_MODE not in os.environ and "ray" not in sys.modules and find_token()[0] is not None:
         # What `ray.init(address="auto")` does itself, for every address; a RAY_AUTH_MODE the user
-        # set is theirs to keep.
+        # set is theirs to keep. Only before the import: set after it, this process keeps the mode it
+        # read while the processes it starts take the new one (a later local ray.init then fails
+        # with "Failed to start GCS", measured).
         os.environ[AUTH_MODE] = "token"
 
 
