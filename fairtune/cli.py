@@ -88,7 +88,7 @@ def _add_common(p: argparse.ArgumentParser, dataset_required: bool = True) -> No
 
 
 def _add_cluster(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None, help="Ray cluster to join: auto or ray://host:port (default: start a local Ray)")
+    p.add_argument("--address", default=None, help="Ray cluster to join: host:port, auto or ray://host:port; a token in ~/.ray/auth_token or RAY_AUTH_TOKEN is used (default: start a local Ray)")
     p.add_argument("--cpus-per-trial", type=_positive_int, default=1, help="CPUs (and torch threads) per run")
     p.add_argument(
         "--gpus-per-trial", type=_gpus, default=None,

@@ -68,6 +68,24 @@ def test_trials_table_takes_final_and_best_epochs(tmp_path):
     assert trials_table(ledger, "T", "acc").iloc[1]["status"] == RUNNING
 
 
+def test_trials_table_names_the_nodes_each_trial_ran_on(tmp_path):
+    ledger = Ledger.create(tmp_path, {})
+    ledger.add({"T": 2}, 0)
+    head, worker = {"id": "aa11", "hostname": "head"}, {"id": "bb22", "hostname": "gpu-7"}
+    for epoch, node in [(1, worker), (2, head), (3, worker)]:  # retried on the head, then back
+        ledger.record_epoch("t000", {**_epoch(epoch, 10.0), "node": node})
+    ledger.add({"T": 4}, 1)
+    ledger.record_epoch("t001", {**_epoch(1, 5.0), "node": worker})
+    ledger.add({"T": 8}, 2)  # never reported an epoch
+    assert Ledger.load(tmp_path).get("t000").epochs[1]["node"] == head
+    table = trials_table(ledger, "T", "acc")
+    assert table["node"].tolist()[:2] == ["bb22 aa11", "bb22"]
+    assert table["hostname"].tolist()[:2] == ["gpu-7 head", "gpu-7"]
+    assert table["node"].isna().tolist() == [False, False, True]
+    # Appended after the existing columns: readers that index the older ones see them unchanged.
+    assert table.columns.tolist()[-2:] == ["node", "hostname"]
+
+
 def test_rebuilt_asha_rungs_decide_as_an_uninterrupted_asha(tmp_path):
     """Feed one ASHA every result of a random search; feed another only the results after a cut, with
     the earlier ones restored from the ledger. Every later decision must be the same."""

@@ -30,8 +30,9 @@ TRIAL_KEY = "fairtune_trial"
 FORMAT = 1
 RUNNING, COMPLETED, STOPPED, ERROR = "RUNNING", "COMPLETED", "STOPPED", "ERROR"
 FINISHED = (COMPLETED, STOPPED, ERROR)
-# What the ledger keeps of each epoch: enough for trials.csv, best.json, ASHA's rungs and the plots.
-EPOCH_KEYS = ("epoch", "stage2_epoch", "accuracy", "deo_a", "deo_m", "objective", "loss", "acc_matrix")
+# What the ledger keeps of each epoch: enough for trials.csv, best.json, ASHA's rungs and the plots,
+# and the node that computed it ({"id": Ray's node id, "hostname": ...}).
+EPOCH_KEYS = ("epoch", "stage2_epoch", "accuracy", "deo_a", "deo_m", "objective", "loss", "acc_matrix", "node")
 
 
 @dataclass
@@ -173,7 +174,8 @@ def differences(recorded: dict, wanted: dict, prefix: str = "") -> list[tuple[st
 
 
 def trials_table(ledger: Ledger, parameter: str | None, objective: str) -> pd.DataFrame:
-    """One row per trial: its hyperparameter, final and best metrics, epochs run, status, failure reason."""
+    """One row per trial: its hyperparameter, final and best metrics, epochs run, status, failure reason,
+    and the nodes (Ray node ids, hostnames) its epochs ran on."""
     mode = objective_mode(objective)
     rows = []
     for trial in ledger.trials:
@@ -193,5 +195,9 @@ def trials_table(ledger: Ledger, parameter: str | None, objective: str) -> pd.Da
                 row[f"best_{key}"] = float(best[key])
             row["best_epoch"] = int(best["epoch"])
             row["final_acc_matrix"] = last.get("acc_matrix", "")
+            # Where its epochs ran, in order; several when a retry or a resume continued it elsewhere.
+            nodes = [e["node"] for e in trial.epochs if e.get("node")]
+            row["node"] = " ".join(dict.fromkeys(n["id"] for n in nodes))
+            row["hostname"] = " ".join(dict.fromkeys(n["hostname"] for n in nodes))
         rows.append(row)
     return pd.DataFrame(rows)

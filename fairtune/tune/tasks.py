@@ -2,11 +2,13 @@
 
 They return data rather than writing files, so they can run on any node of a cluster without a
 shared filesystem; the driver writes what comes back, atomically. Each finished epoch can also be
-sent to the driver through a Ray queue, so that hours-long runs show progress as they go.
+sent to the driver through a Ray queue, so that hours-long runs show progress as they go. Every
+record names the node that computed it (``node``: Ray's node id and the machine's hostname).
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any, Callable
 
@@ -25,6 +27,13 @@ def task_device(device: str) -> torch.device:
     import ray
 
     return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+
+
+def node_identity() -> dict[str, str]:
+    """The node this code runs on: Ray's node id (as ``ray.nodes()`` lists it) and the hostname."""
+    import ray
+
+    return {"id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
 
 
 def epoch_reporter(
@@ -62,7 +71,8 @@ def train_teacher_task(
 ) -> tuple[dict, dict]:
     torch.set_num_threads(max(1, cpus))
     on_epoch = epoch_reporter(progress, f"teacher seed {options.seed}", base.total_epochs, options.select_on, ("scratch", options.seed))
-    return train_teacher(load_dataset(options, data_dir), base, task_device(device), on_epoch)
+    state, record = train_teacher(load_dataset(options, data_dir), base, task_device(device), on_epoch)
+    return state, {**record, "node": node_identity()}
 
 
 def method_run_task(
@@ -85,6 +95,7 @@ def method_run_task(
     )
     record = run_record(config, data, run_method(config, data, teacher, where, on_epoch), where)
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
+    record["node"] = node_identity()
     return record
 
 
@@ -103,8 +114,10 @@ def hint_stage_task(
     data = load_dataset(options, data_dir)
     trainer = Trainer(config, data, teacher_model(teacher_state, data.info), task_device(device))
     Path(log).parent.mkdir(parents=True, exist_ok=True)
+    node = node_identity()
     while trainer.epoch < trainer.hint_epochs:
         metrics = trainer.run_epoch()
+        metrics["node"] = node  # kept in the trainer's history: the trials re-report these epochs
         with open(log, "a") as handle:
             handle.write(json.dumps({"epoch": metrics["epoch"], "pid": os.getpid()}) + "\n")
     return trainer.state_dict()

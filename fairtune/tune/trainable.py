@@ -10,6 +10,9 @@ used: they live in Tune's experiment state, which lags a killed driver (docs/ray
 State files are named by epoch, so a worker of a killed driver that finishes an epoch late can never
 replace a newer state with an older one. A non-finite loss is a deterministic failure: the trial
 records the reason in its folder and raises, and any retry raises again at once.
+
+Every reported epoch names the node that computed it (``node``: Ray's node id and the hostname),
+kept in the saved history, so an epoch re-reported by a trial continued elsewhere keeps its node.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from fairtune.data import DataOptions, load_dataset
 from fairtune.engine import NonFiniteLoss, Trainer, TrainConfig
 from fairtune.teachers import teacher_model
 from fairtune.tune.ledger import TRIAL_KEY
-from fairtune.tune.tasks import task_device
+from fairtune.tune.tasks import node_identity, task_device
 
 TRIALS_FOLDER = "trials"
 _STATE = re.compile(r"state-(\d+)\.pt")
@@ -127,8 +130,9 @@ def run_trial(config: dict, spec: TrialSpec, teacher_state: dict | None = None) 
     trainer = Trainer(replace(spec.base, **config), data, teacher, task_device(spec.device))
     if not _load_newest_state(spec, trial_id, trainer) and trainer.hint_epochs and hint_stage_file(spec.experiment_dir).exists():
         _start_after_hint_stage(spec, trainer, config)
+    node = node_identity()
     for metrics in trainer.history:  # idempotent in the ledger; ASHA skips rungs it has recorded
-        tune.report(flat_metrics(metrics, data.info.group_names))
+        tune.report({**flat_metrics(metrics, data.info.group_names), "node": metrics.get("node", node)})
 
     while trainer.epoch < trainer.total_epochs:
         try:
@@ -137,9 +141,10 @@ def run_trial(config: dict, spec: TrialSpec, teacher_state: dict | None = None) 
             failure.parent.mkdir(parents=True, exist_ok=True)
             failure.write_text(str(exc) + "\n")
             raise
+        metrics["node"] = node  # into the trainer's history, saved with the state below
         log = epoch_log(spec.experiment_dir, trial_id)
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as handle:
             handle.write(json.dumps({"epoch": metrics["epoch"], "pid": os.getpid()}) + "\n")
         _save_state(spec, trial_id, trainer)
-        tune.report(flat_metrics(metrics, data.info.group_names))
+        tune.report({**flat_metrics(metrics, data.info.group_names), "node": node})
