@@ -122,7 +122,7 @@ def test_ray_init_refusals_are_told_from_other_connection_failures():
 
 
 def test_readme_recipe_is_the_one_this_module_runs():
-    assert [kind for kind, _, _ in recipe()] == ["token", "head", "copy", "worker", "search", "final", "stop"]
+    assert [kind for kind, _, _ in recipe()] == ["token", "head", "copy", "worker", "search", "final", "protocol", "stop"]
 
 
 # -- the recipe, on a real cluster ------------------------------------------------------------------
@@ -375,6 +375,30 @@ def test_final_runs_every_seed_on_the_worker_node(cluster, data_dir, results):
         assert record["node"] == {"id": cluster.worker_id, "hostname": socket.gethostname()}, method
     assert list(record)[-2:] == ["node", "teacher"] and list(json.loads(final_path(results, "fmnist-s", "mfd", 0).read_text()))[-1] == "node"
     print(f"\nfinal seed records on: {cluster.worker_id}")
+
+
+@pytest.mark.slow
+def test_protocol_runs_every_search_and_final_on_the_worker_node(cluster, data_dir, tmp_path):
+    """The protocol's drivers are tasks pinned to the node of its driver, with no CPU: on the head,
+    which has none. Every trial and run they start needs one, so lands on the worker."""
+    from fairtune.tune.final import final_path
+
+    env, words = step("protocol")
+    extra = ["--data-dir", str(data_dir), "--results-dir", str(tmp_path), *SEARCH_SIZES, "--method", "scratch", "hkd",
+             "--seeds", "0", "1", "--grace-period", "1"]
+    done = cluster.run(cluster.argv("protocol", words) + extra, env=env)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    trials = read_trials(experiment(tmp_path, "hkd") / "trials.csv")
+    assert len(trials) == 2 and trials["node"].tolist() == [cluster.worker_id] * 2
+    for method in ("scratch", "hkd"):
+        for seed in (0, 1):
+            record = json.loads(final_path(tmp_path, "fmnist-s", method, seed).read_text())
+            assert record["node"]["id"] == cluster.worker_id, (method, seed)
+    lines = done.stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("[") and " slots " in line)
+    block = lines[start:start + 3]  # the last status block: the whole run, then scratch and hkd
+    print("\nprotocol on the cluster, its last status block:\n" + "\n".join(block))
+    assert "slots 0/2 busy" in block[0] and all("final 2/2 seeds" in row for row in block[1:])
 
 
 @pytest.mark.slow
