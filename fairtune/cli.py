@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import shlex
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -603,6 +604,9 @@ def cmd_protocol(args: argparse.Namespace) -> int:
         f"{f' + {gpus:g} GPU' if gpus else ''} per run; every line goes to {settings.folder / 'protocol.log'}",
         flush=True,
     )
+    # Ctrl-C stops the protocol cleanly even where its shell started it with SIGINT ignored (a
+    # background job of a script), as Tune's own handler does for `search`.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         failed = run_protocol(settings, block.say, block.show, refresh)
     except KeyboardInterrupt:

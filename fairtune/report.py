@@ -550,6 +550,8 @@ def load_sensitivity(results_dir: Path, dataset: str) -> list[Sensitivity]:
             **{m: trials.get(f"final_{m}", pd.Series(np.nan, index=trials.index)) for m in METRICS},
             "chosen": chosen,
         }).sort_values(["value", "trial_id"], ignore_index=True)
+        if frame[list(METRICS)].isna().all().all():
+            continue  # every trial failed before its first epoch: nothing to plot against the value
         log_axis = distribution == "loguniform" and bool((values.dropna() > 0).all())
         found.append(Sensitivity(method, parameter, distribution, log_axis, chosen_value, frame))
     return found

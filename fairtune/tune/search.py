@@ -20,6 +20,7 @@ objectives, and lists the validation Pareto set, written in full to ``pareto.csv
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -499,10 +500,11 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
     spec = TrialSpec(
         settings.base, settings.data, str(Path(settings.data_dir).resolve()), str(folder), settings.cpus_per_trial, settings.device
     )
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=spec, teacher_state=teacher),
-        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
-    )
+    trainable = tune.with_parameters(run_trial, spec=spec, teacher_state=teacher)
+    # Tune registers a trainable by its name in one registry per Ray job: searches running at once
+    # in one job (`fairtune protocol`) would otherwise run each other's trials (docs/ray.md).
+    trainable.__name__ = re.sub(r"\W", "_", f"fairtune_{settings.data.dataset}_{method.name}")
+    trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
     launches = len(ledger.unfinished()) + max(num_samples - len(ledger.trials), 0)
     if launches:
         # ASHA ranks the trials at a rung on one number, the reported ``objective``. In a
