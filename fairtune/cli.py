@@ -536,12 +536,7 @@ def cmd_final(args: argparse.Namespace) -> int:
         failures = run_final(settings, plan, lambda line: print(line, flush=True))
         failed += [f"{dataset}: {line}" for line in failures]
         _print_report(args.results_dir, dataset, [rule])
-    if failed:
-        print(f"fairtune: {len(failed)} final run(s) failed; the others are written and in the table:", file=sys.stderr)
-        for line in failed:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-    return 0
+    return _failures(failed, "final run(s) failed; the others are written and in the table")
 
 
 def _final_settings(args: argparse.Namespace, dataset: str, methods, rule=None):
@@ -616,12 +611,17 @@ def cmd_protocol(args: argparse.Namespace) -> int:
         _print_report(args.results_dir, args.dataset)
     except UserError as exc:  # e.g. every final failed: nothing to tabulate
         print(f"fairtune: no table: {exc}", file=sys.stderr)
-    if failed:
-        print(f"fairtune: {len(failed)} part(s) of the protocol failed; the rest finished and is in the table:", file=sys.stderr)
-        for line in failed:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-    return 0
+    return _failures(failed, "part(s) of the protocol failed; the rest finished and is in the table")
+
+
+def _failures(failed: list[str], what: str) -> int:
+    """Exit code 1 and one line per failed part when some failed (the rest was kept), else 0."""
+    if not failed:
+        return 0
+    print(f"fairtune: {len(failed)} {what}:", file=sys.stderr)
+    for line in failed:
+        print(f"  {line}", file=sys.stderr)
+    return 1
 
 
 class _StatusBlock:
