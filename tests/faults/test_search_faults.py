@@ -98,9 +98,11 @@ def test_driver_killed_at_three_moments_then_resumed(ray_session, fmnist_dir, tm
         firsts = {}
         for run in runs:
             firsts.setdefault(run["pid"], run["epoch"])
+        # Epoch 1 ran once; any later worker started past it. (The killed driver's worker may itself
+        # finish the epoch in flight and save it, leaving the resumed trial nothing to run: no later worker.)
+        assert [run["epoch"] for run in runs].count(1) == 1, (trial_id, runs)
         later = list(firsts.values())[1:]
-        assert later and all(epoch > 1 for epoch in later), (trial_id, runs)
-        assert later[0] >= len(at_kill[1][trial_id]["epochs"]), (trial_id, runs, at_kill[1][trial_id])
+        assert all(epoch >= len(at_kill[1][trial_id]["epochs"]) > 0 for epoch in later), (trial_id, runs, at_kill[1][trial_id])
     # Optuna's own storage learned every finished trial exactly once: ASHA's stops as pruned.
     import optuna
 
