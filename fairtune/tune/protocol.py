@@ -19,7 +19,6 @@ which a search survives by design (its ledger is written before anything acts on
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -385,10 +384,6 @@ def run_protocol(settings: ProtocolSettings, say: Printer, show: Callable[[Statu
 
         ray.shutdown()  # kills every job and trial: the ledgers and seed files keep what finished
         raise
-
-
-def summary(settings: ProtocolSettings) -> dict:
-    return json.loads((settings.folder / SUMMARY_FILE).read_text())
 
 
 __all__ = ["ProtocolSettings", "Status", "check_methods", "run_protocol", "search_settings"]
