@@ -1,5 +1,5 @@
 """The baselines the benchmarks race: the official MFD code's algorithms, written from their
-definitions (SPEC §3) in its shape — a Python loop over (class, group) cells or over adversaries,
+definitions (docs/protocol.md §3) in its shape — a Python loop over (class, group) cells or over adversaries,
 boolean-mask selections, several small kernel matrices per cell.
 
 They are deliberately not vectorised; each benchmark first checks that fairtune computes the same
@@ -18,7 +18,7 @@ from fairtune.losses import grad_reverse
 
 
 def squared_distances(a: Tensor, b: Tensor) -> Tensor:
-    """‖a_i − b_j‖² = ‖a_i‖² + ‖b_j‖² − 2 a_i·b_j, floored at 1e-12 (SPEC §3, `mfd`)."""
+    """‖a_i − b_j‖² = ‖a_i‖² + ‖b_j‖² − 2 a_i·b_j, floored at 1e-12 (docs/protocol.md §3, `mfd`)."""
     return (a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1).unsqueeze(0) - 2 * a @ b.t()).clamp(min=1e-12)
 
 

@@ -42,7 +42,7 @@ class TrainConfig:
     epochs: int = 50
     batch_size: int = 128
     lr: float = 1e-3
-    adv_lr: float = 3e-3  # the supplement's value (SPEC §3, `ad`)
+    adv_lr: float = 3e-3  # the supplement's value (docs/protocol.md §3, `ad`)
     T: float | None = None
     lam: float | None = None
     distill_lam: float | None = None
@@ -147,7 +147,7 @@ class Trainer:
         self.adv_optimizers: list[torch.optim.Optimizer] = []
         self.adv_schedulers: list = []
         if self.method.adversary:
-            # Fresh at the start of the run; one optimiser and plateau scheduler per class (SPEC §3).
+            # Fresh at the start of the run; one optimiser and plateau scheduler per class (docs/protocol.md §3).
             self.adversaries = losses.ClassAdversaries(info.num_classes, info.num_groups).to(self.device)
             self.adv_optimizers = [torch.optim.Adam(m.parameters(), lr=self.config.adv_lr) for m in self.adversaries]
             self.adv_schedulers = [self._plateau(o) for o in self.adv_optimizers]

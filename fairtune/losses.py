@@ -1,4 +1,4 @@
-"""Every loss term of SPEC §3, one small function each (RepDistiller style).
+"""Every loss term of docs/protocol.md §3, one small function each (RepDistiller style).
 
 A loss takes tensors and returns a scalar; it knows nothing of data, optimisers or logging. Teacher
 inputs are always detached here, so a caller cannot leak gradient into a frozen teacher.
@@ -298,7 +298,7 @@ class ClassAdversaries(nn.Module):
 
 
 def ad_loss(student_logits: Tensor, labels: Tensor, groups: Tensor, adversaries: ClassAdversaries, lam: float) -> Tensor:
-    """Adversarial debiasing (Zhang, Lemoine & Mitchell, AIES 2018), per-class adversaries (SPEC §3).
+    """Adversarial debiasing (Zhang, Lemoine & Mitchell, AIES 2018), per-class adversaries (docs/protocol.md §3).
 
         Σ_{c present} mean_{i: y_i = c} CE(adv_c(GR_λ(s_i)), g_i)  =  Σ_i CE_i / n_{y_i}
 

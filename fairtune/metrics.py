@@ -1,4 +1,4 @@
-"""Group fairness metrics of SPEC §5: acc[g,c], DEO_A, DEO_M, accuracy, and the search objectives.
+"""Group fairness metrics of docs/protocol.md §5: acc[g,c], DEO_A, DEO_M, accuracy, and the search objectives.
 
 Definitions, for predictions on one evaluation split:
   acc[g, c]  accuracy among samples of group g and class c;

@@ -2,7 +2,7 @@
 
 Every model returns ``ModelOutput(logits, features, feature_map)``: ``features`` is the layer the
 feature-distillation losses (MFD, mmd, FitNet) match, ``feature_map`` the last convolutional map
-before pooling that AT and NST use (SPEC §3).
+before pooling that AT and NST use (docs/protocol.md §3).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""ASHA's clock for a search (SPEC §7): which epochs a trial can be stopped at. Pure, Ray-free.
+"""ASHA's clock for a search (docs/protocol.md §7): which epochs a trial can be stopped at. Pure, Ray-free.
 
 *Decision*: ASHA counts **stage-2 epochs** (``STAGE2_EPOCH``, reported by the engine every epoch),
 with max_t = E and grace = E/10 for every method. For methods without a hint stage that is simply
 the epoch. For ``fitnet`` / ``ss+fitnet`` (E/2 hint epochs, then E epochs of CE + KD) the hint
 epochs count 0, so:
 
-- no trial is judged before stage 2 has run ``grace`` ≥ 1 epochs (SPEC §7: T plays no part in the
+- no trial is judged before stage 2 has run ``grace`` ≥ 1 epochs (docs/protocol.md §7: T plays no part in the
   hint stage, so an objective there says nothing about the searched T);
 - FitNet gets the same rungs over its stage 2 as HKD over its run (E=50, rf 3: after 5, 15 and 45
   KD epochs, i.e. trial epochs 30, 40, 70).
@@ -14,7 +14,7 @@ Why not the alternatives: counting ``training_iteration`` with the grace period 
 stage (fairtune's earlier rule) gives ASHA a span of only max_t/grace = 75/30 = 2.5 < rf to place
 geometric rungs in, so FitNet got one rung where others get three; counting ``training_iteration``
 from an unshifted grace period would stop FitNet trials on hint-stage scores. The price is that every
-FitNet trial pays its E/2 hint epochs, which SPEC's rule requires anyway.
+FitNet trial pays its E/2 hint epochs, which docs/protocol.md §7 requires anyway.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Each names the method's one searched hyperparameter, its distribution, the paper's value per
 dataset (evaluated first as a starting point) and a default for datasets without one. Composed
 extras without a file of their own (``ss+at``, ``ad+nst`` …) get the standard space of their
-hyperparameter (SPEC §3 choice: T in {1, 2, 3, 4, 5, 10, 20}; λ log-uniform in [1e-4, 1e2]).
+hyperparameter (docs/protocol.md §3 choice: T in {1, 2, 3, 4, 5, 10, 20}; λ log-uniform in [1e-4, 1e2]).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """UTKFace and CelebA loaders and the decode-once cache, on fixture folders in the real layouts.
 
-Expected splits are re-derived here from the files themselves, the way SPEC §4 words them, and
+Expected splits are re-derived here from the files themselves, the way docs/protocol.md §4 words them, and
 compared exactly (membership, order, labels, groups and pixels).
 """
 
@@ -69,7 +69,7 @@ def utk_fields(name: str) -> tuple[int, ...] | None:
 
 
 def expected_utk_split(folder: Path, per_cell: int, hold_out_val: bool = True) -> dict[str, list[str]]:
-    """SPEC §4 literally: natural sort, drop malformed and race 4, random.seed(1) shuffle, reverse scan.
+    """docs/protocol.md §4 literally: natural sort, drop malformed and race 4, random.seed(1) shuffle, reverse scan.
     Without ``hold_out_val`` (``--select-on test``) val is test and train everything else."""
     valid = [p.name for p in folder.iterdir() if (f := utk_fields(p.name)) is not None and f[2] != 4]
     # The names differ only in their four integer fields, so natural order is their numeric order.
@@ -139,7 +139,7 @@ def test_utkface_split_is_the_official_one(utk_root: Path, utk_splits) -> None:
 
 
 def test_utkface_select_on_test_trains_on_everything_but_test(utk_root: Path) -> None:
-    """The official procedure (SPEC §4): test is the same reverse scan, training keeps every other
+    """The official procedure (docs/protocol.md §4): test is the same reverse scan, training keeps every other
     image (the second ``per_cell`` of each cell included, in shuffled order) and val is test."""
     splits = utkface.load(utk_root, DataOptions(dataset="utkface", select_on="test"), per_cell=K)
     expected = expected_utk_split(utk_root / "UTKFace", K, hold_out_val=False)

@@ -270,7 +270,7 @@ def test_training_from_the_table_matches_running_the_teacher(method, data, teach
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ["mfd", "ad+hkd", "nst", "mmd"])
 def test_training_steps_never_wait_for_the_gpu(method, data, teacher):
-    """No .item(), no data-dependent shapes: every step only queues work (SPEC's GPU data path)."""
+    """No .item(), no data-dependent shapes: every step only queues work (docs/performance.md, 'The GPU data path')."""
     needs = get_method(method).needs_teacher
     trainer = Trainer(config_for(method, epochs=1), data, teacher if needs else None, torch.device("cuda"))
     step = trainer._train_step

@@ -7,7 +7,7 @@ from fairtune.models import build_model
 @pytest.mark.parametrize(
     "name, size, feature_dim, map_shape",
     [
-        ("cnn", 32, 256, (128, 8, 8)),  # SPEC §3: 256-d FC features, conv6 map 128x8x8
+        ("cnn", 32, 256, (128, 8, 8)),  # docs/protocol.md §3: 256-d FC features, conv6 map 128x8x8
         ("resnet18", 176, 512 * 6 * 6, (512, 6, 6)),  # layer4 before pooling, flattened
         ("shufflenet_v2_x1_0", 176, 1024 * 6 * 6, (1024, 6, 6)),  # conv5 before pooling, flattened
     ],

@@ -1,4 +1,4 @@
-"""When fairtune starts Ray itself, nothing listens beyond loopback (RAY-NOTES: by default Ray binds
+"""When fairtune starts Ray itself, nothing listens beyond loopback (docs/ray.md, 'Starting Ray locally, loopback only': by default Ray binds
 its GCS, raylet and worker ports to every interface on Linux)."""
 
 import ipaddress

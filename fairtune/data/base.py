@@ -121,7 +121,7 @@ class DatasetSplits:
 
     @property
     def selection(self) -> Split:
-        """The split the search and the LR scheduler look at (SPEC §4: never test, unless asked)."""
+        """The split the search and the LR scheduler look at (docs/protocol.md §4: never test, unless asked)."""
         return self.test if self.options.select_on == "test" else self.val
 
 

@@ -3,7 +3,7 @@
 The official partition is kept. As in the official MFD code (``data_handler/celeba.py``), an
 evaluation split is balanced to its smallest (group, class) cell by keeping the first n_min rows of
 each cell in ``list_eval_partition.txt`` order; fairtune balances the valid partition the same way
-(SPEC §4). Train stays unbalanced.
+(docs/protocol.md §4). Train stays unbalanced.
 
 The annotation files are read here rather than through ``torchvision.datasets.CelebA``: that class
 checks the MD5 of the real text files (which test fixtures cannot match) and insists on three more

@@ -17,8 +17,8 @@ from fairtune.data.base import DatasetInfo, ImageView, Split
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-UTKFACE_RESIZE = 256  # resize 256x256, then random crop (SPEC §6)
-# torchvision's RandomResizedCrop defaults (SPEC §6, celeba): area fraction, aspect ratio w/h, and
+UTKFACE_RESIZE = 256  # resize 256x256, then random crop (docs/protocol.md §6)
+# torchvision's RandomResizedCrop defaults (docs/protocol.md §6, celeba): area fraction, aspect ratio w/h, and
 # how many boxes it draws before falling back to a centre crop.
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)

@@ -10,7 +10,7 @@ import torch
 
 
 def random_plan(num_samples: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """Shuffled indices cut into full batches; the last partial batch is dropped (SPEC §6)."""
+    """Shuffled indices cut into full batches; the last partial batch is dropped (docs/protocol.md §6)."""
     num_batches = num_samples // batch_size
     if num_batches == 0:
         raise ValueError(f"{num_samples} training samples cannot fill one batch of {batch_size}")
@@ -22,7 +22,7 @@ def balanced_per_cell(batch_size: int, num_classes: int, num_groups: int) -> int
     """Samples of each (class, group) cell in one balanced batch: floor(B / (C*G)).
 
     When B is not a multiple of C*G the batch is smaller than B (120 instead of 128 for 10 x 2
-    cells) rather than unbalanced, unlike the official sampler (SPEC §3, `ss`).
+    cells) rather than unbalanced, unlike the official sampler (docs/protocol.md §3, `ss`).
     """
     per_cell = batch_size // (num_classes * num_groups)
     if per_cell == 0:

@@ -4,7 +4,7 @@ Groups: 0 = gray, 1 = colour. The sensitive attribute is *rendered*, not read: a
 hands over its source images and two renderers (how to draw an image gray, how to draw it in colour)
 and this module decides which image is shown how.
 
-- **val** (SPEC *choice*): ``VAL_PER_CLASS`` training images per class are held out, chosen with
+- **val** (*choice*, docs/protocol.md §4): ``VAL_PER_CLASS`` training images per class are held out, chosen with
   the fixed ``HOLDOUT_SEED`` so every run seed selects on the same images; each is shown twice,
   gray and colour, exactly like test.
 - **train**: the remaining training images, in source order. In class c with n_c images,

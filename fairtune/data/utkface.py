@@ -3,7 +3,7 @@
 Labels come from the file names ``age_gender_race_date.jpg.chip.jpg``. The split is the official
 MFD code's (``data_handler/utkface.py``): natural-sort the names, drop malformed and race-4 ("Others")
 names, shuffle with ``random.seed(1)``, then scan from the end and send the first ``PER_CELL`` of each
-(group, class) cell to test. fairtune's validation split continues the same scan (SPEC §4), so the
+(group, class) cell to test. fairtune's validation split continues the same scan (docs/protocol.md §4), so the
 split never depends on the run seed. ``select_on="test"`` is the official procedure: the official code
 trains on everything that is not test and selects on test, so no validation images are carved out of
 training and val *is* test.
@@ -109,7 +109,7 @@ def load(data_dir: Path, options: DataOptions, per_cell: int = PER_CELL) -> Data
 def parse_name(name: str) -> tuple[int, int] | None:
     """(age, race) from ``age_gender_race_date.jpg.chip.jpg``; None when the name is malformed.
 
-    Malformed (SPEC §4): not exactly four ``_``-separated fields, or an age that is not an integer
+    Malformed (docs/protocol.md §4): not exactly four ``_``-separated fields, or an age that is not an integer
     ≥ 0, or a race that is not an integer 0-4. Gender and date are not used, so not checked.
     """
     fields = name.split("_")

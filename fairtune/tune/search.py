@@ -572,7 +572,7 @@ def pareto_table(trials: pd.DataFrame, parameter: str | None, objective: str) ->
 
 def best_record(trials: pd.DataFrame, settings: SearchSettings, space: SearchSpace, epochs: int, seconds: float) -> dict:
     """The chosen config: the ``best`` rule (fairtune.selection): best final-epoch objective among
-    trials that ran every epoch (SPEC §6 reports the model after the last epoch), else among all
+    trials that ran every epoch (docs/protocol.md §6 reports the model after the last epoch), else among all
     trials that reported anything."""
     goal = parse_objective(settings.base.objective)
     if "final_objective" not in trials or trials["final_objective"].isna().all():
