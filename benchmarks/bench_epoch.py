@@ -130,7 +130,7 @@ def main() -> None:
     info = data.info
     torch.manual_seed(1)
     teacher = build_model(info.model, info.num_classes, info.image_size).eval().requires_grad_(False)
-    config = TrainConfig(method="mfd", epochs=50, lam=LAM, batch_size=BATCH)
+    config = TrainConfig(method="mfd", epochs=50, hyperparameters={"lam": LAM}, batch_size=BATCH)
     built = {}
     setup_seconds = wall(lambda: built.update(trainer=Trainer(config, data, teacher, dev)), dev)
     trainer = built["trainer"]

@@ -57,6 +57,7 @@ import torch  # noqa: E402
 from fairtune.data import DataOptions, load_dataset  # noqa: E402
 from fairtune.data.sampler import balanced_plan  # noqa: E402
 from fairtune.engine import NonFiniteLoss, Trainer, TrainConfig  # noqa: E402
+from fairtune.hyperparameters import HYPERPARAMETERS  # noqa: E402
 from fairtune.methods import get_method  # noqa: E402
 from fairtune.models import build_model  # noqa: E402
 from fairtune.spaces import load_space  # noqa: E402
@@ -210,13 +211,13 @@ def write_data(root: Path, sizes: Sizes) -> Path:
 
 
 def hyperparameters(method: str) -> dict[str, float]:
-    """The paper's value of the searched hyperparameter (the search's first point), as TrainConfig kwargs."""
+    """The paper's value of the searched hyperparameter (the search's first point), else its row's default."""
     m = get_method(method)
     hyper = {}
     for param in m.params:
         space = load_space(method)
         value = space.start("cifar10s") if param == m.searched else None
-        hyper[param] = float(value if value is not None else (4.0 if param == "T" else 1.0))
+        hyper[param] = float(value if value is not None else HYPERPARAMETERS[param].default)
     return hyper
 
 
@@ -315,7 +316,7 @@ def check_correctness(data_dir: Path, sizes: Sizes, device: torch.device) -> dic
     for method in FAMILIES:
         m = get_method(method)
         # epochs=2 makes fitnet's first epoch its hint stage (E/2 = 1 hint epoch).
-        config = TrainConfig(method=method, epochs=2, batch_size=sizes.steps_batch, **hyperparameters(method))
+        config = TrainConfig(method=method, epochs=2, batch_size=sizes.steps_batch, hyperparameters=hyperparameters(method))
         t = teacher if m.needs_teacher else None
         row = {"method": method}
         try:
@@ -418,7 +419,7 @@ def worker(spec: dict) -> None:
     teacher = random_teacher(data.info)
     results = {}
     for method in spec["methods"]:
-        config = TrainConfig(method=method, epochs=50, **hyperparameters(method))
+        config = TrainConfig(method=method, epochs=50, hyperparameters=hyperparameters(method))
         started = time.perf_counter()
         trainer = Trainer(config, data, teacher if get_method(method).needs_teacher else None, device)
         if device.type == "cuda":

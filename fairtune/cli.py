@@ -61,6 +61,39 @@ def _objective(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _add_hyperparameters(p: argparse.ArgumentParser, fixed: bool) -> None:
+    """One flag per row of the hyperparameter table (``fixed``: for a search, where a method's
+    searched one is refused and the others are fixed values)."""
+    from fairtune.hyperparameters import HYPERPARAMETERS
+
+    for row in HYPERPARAMETERS.values():
+        p.add_argument(row.flag, dest=row.name, type=float, default=None, metavar=row.name.upper(),
+                       help=f"{row.help}{' (fixed; default: the best found for its source method)' if fixed else ''}")
+
+
+def _given(args: argparse.Namespace) -> dict[str, float | None]:
+    from fairtune.hyperparameters import HYPERPARAMETERS
+
+    return {name: getattr(args, name, None) for name in HYPERPARAMETERS}
+
+
+def _add_plugin(p: argparse.ArgumentParser) -> None:
+    # Read by main() before the parser is built (a plugin adds methods, datasets and flags); declared
+    # here so that --help lists it and the parser accepts it.
+    p.add_argument("--plugin", action="append", default=[], metavar="PATH_OR_MODULE",
+                   help="import a plugin (a .py file or a module) that registers methods, terms, datasets ...; repeatable")
+
+
+def _plugin_specs(argv: list[str]) -> list[str]:
+    specs = []
+    for i, arg in enumerate(argv):
+        if arg == "--plugin" and i + 1 < len(argv):
+            specs.append(argv[i + 1])
+        elif arg.startswith("--plugin="):
+            specs.append(arg.split("=", 1)[1])
+    return specs
+
+
 def _add_common(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
     from fairtune.data import DATASETS
     from fairtune.metrics import OBJECTIVE_HELP
@@ -100,8 +133,7 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
 def _add_search(p: argparse.ArgumentParser) -> None:
     """The options of a search (`search`, and every search of `protocol`)."""
     p.add_argument("--seed", type=_non_negative_int, default=0, help="data, teacher and TPE seed of the search")
-    p.add_argument("--T", type=float, default=None, help="fixed T for ad+hkd / ad+fitnet (default: the best found for hkd / fitnet)")
-    p.add_argument("--distill-lam", type=float, default=None, help="fixed distillation λ for ad+at / ad+nst")
+    _add_hyperparameters(p, fixed=True)
     p.add_argument("--adv-lr", type=_positive_float, default=3e-3)
     p.add_argument("--num-samples", type=_positive_int, default=16, help="trials (default 16)")
     p.add_argument("--grace-period", type=_positive_int, default=None, help="ASHA's first rung in epochs of the main stage (default E/10; FitNet: after its hint stage)")
@@ -130,9 +162,7 @@ def build_parser() -> Parser:
     train.add_argument("--method", required=True, help="e.g. scratch, hkd, mfd, ad+fitnet (see `fairtune list`)")
     _add_common(train)
     train.add_argument("--seed", type=_non_negative_int, default=0)
-    train.add_argument("--T", type=float, default=None, help="KD temperature")
-    train.add_argument("--lam", type=float, default=None, help="the method's strength λ")
-    train.add_argument("--distill-lam", type=float, default=None, help="λ of the distillation term in ad+at / ad+nst")
+    _add_hyperparameters(train, fixed=False)
     train.add_argument("--adv-lr", type=_positive_float, default=3e-3, help="adversaries' Adam lr (AD methods)")
     train.add_argument("--force", action="store_true", help="rerun a run whose result is already on disk")
 
@@ -186,6 +216,8 @@ def build_parser() -> Parser:
         help="selection rules whose final runs to tabulate (best, constrained:deo_a<=X, constrained:deo_m<=X, utopia, knee); "
         "two or more also write selection.md, the rules side by side",
     )
+    for command in commands.choices.values():
+        _add_plugin(command)
     return parser
 
 
@@ -193,6 +225,7 @@ def build_parser() -> Parser:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from fairtune import hyperparameters
     from fairtune.data import DATASETS, DataOptions, dataset_info, default_data_dir
     from fairtune.methods import all_method_names, get_method
     from fairtune.spaces import load_space
@@ -202,7 +235,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in all_method_names():
         method = get_method(name)
         space = load_space(name)
-        searched = {"T": "T in {1,2,3,4,5,10,20}", "lam": "λ log-uniform [1e-4, 1e2]", None: "nothing to search"}[method.searched]
+        searched = hyperparameters.get(method.searched).space_text() if method.searched else "nothing to search"
         fixed = ", ".join(f"{p} from {src}" for p, src in method.fixed_from)
         teacher = "teacher" if method.needs_teacher else "no teacher"
         start = ", ".join(f"{d}={v:g}" for d, v in space.paper.items())
@@ -323,7 +356,7 @@ def _train_config(args: argparse.Namespace, method: str, hyper: dict[str, float]
 
     return TrainConfig(
         method=method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        adv_lr=getattr(args, "adv_lr", 3e-3), objective=args.objective, compile=getattr(args, "compile", False), **hyper,
+        adv_lr=getattr(args, "adv_lr", 3e-3), objective=args.objective, compile=getattr(args, "compile", False), hyperparameters=hyper,
     )
 
 
@@ -333,7 +366,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fairtune.teachers import load_teacher, teacher_paths
 
     method = get_method(args.method)
-    given = {"T": args.T, "lam": args.lam, "distill_lam": args.distill_lam}
+    given = _given(args)
     hyper = resolve_hyperparameters(method.name, args.dataset, given, args.results_dir, _spaces_dir(args, method.name))
     _check_results_dir(args, args.dataset)
     config = _train_config(args, method.name, hyper)
@@ -387,18 +420,20 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from fairtune import hyperparameters
     from fairtune.methods import get_method
     from fairtune.runs import resolve_hyperparameters
     from fairtune.tune.cluster import prepare_environment
 
     prepare_environment(args.address)  # before anything imports ray
     method = get_method(args.method)
-    if method.searched == "T" and args.T is not None:
-        raise UserError(f"{method.name} searches T; drop --T (the search space is search_spaces/{method.name}.yaml)")
+    given = _given(args)
+    if method.searched and given[method.searched] is not None:
+        flag = hyperparameters.get(method.searched).flag
+        raise UserError(f"{method.name} searches {method.searched}; drop {flag} (the search space is search_spaces/{method.name}.yaml)")
     if args.grace_period is not None and args.grace_period > args.epochs:
         raise UserError(f"--grace-period {args.grace_period} is more than the {args.epochs} epochs; use at most {args.epochs}, or omit it for E/10")
     spaces_dir = _spaces_dir(args, method.name)
-    given = {"T": args.T, "distill_lam": args.distill_lam}
     hyper = resolve_hyperparameters(method.name, args.dataset, given, args.results_dir, spaces_dir)
     if method.searched:
         hyper.pop(method.searched)
@@ -559,6 +594,7 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     from fairtune.tune.cluster import prepare_environment
 
     prepare_environment(args.address)  # before anything imports ray
+    from fairtune import hyperparameters
     from fairtune.methods import PAPER_ORDER, get_method
 
     if len(set(args.seeds)) < len(args.seeds):
@@ -571,11 +607,11 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     from fairtune.tune.protocol import ProtocolSettings, check_methods, run_protocol, search_settings
     from fairtune.tune.search import search_status
 
-    given = {"T": args.T, "distill_lam": args.distill_lam}
+    given = _given(args)
     methods = check_methods(list(args.method or PAPER_ORDER), args.dataset, given, args.results_dir)
     for name, value in given.items():  # a flag no method reads would be ignored silently
         if value is not None and not any(name in get_method(m).params and name != get_method(m).searched for m in methods):
-            raise UserError(f"--{name.replace('_', '-')} is read by none of {', '.join(methods)}; drop it")
+            raise UserError(f"{hyperparameters.get(name).flag} is read by none of {', '.join(methods)} as a fixed value; drop it")
     spaces_dir = _spaces_dir(args)
     _setup_threads(args)
     data = _load_data(args, args.seed)
@@ -713,6 +749,10 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        from fairtune.plugin import load
+
+        load(_plugin_specs(argv))  # before the parser: plugins add methods, datasets and flags
         args = build_parser().parse_args(argv)
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed or full stdout fails here, inside the handlers below, not at exit

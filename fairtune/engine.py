@@ -1,8 +1,9 @@
 """The one training loop every method runs through.
 
-A :class:`Trainer` owns the student, its optimiser and LR scheduler, the adversaries when the
-method has them, and the generator behind batches and augmentation; ``state_dict`` captures all of
-it so a run restored at an epoch boundary continues exactly as if never stopped. After each epoch it
+A :class:`Trainer` owns the student, its optimiser and LR scheduler, the method's trained terms
+(:class:`fairtune.terms.TrainedTerm`: AD's adversaries, a plugin's state), and the generator behind
+batches and augmentation; ``state_dict`` captures all of it so a run restored at an epoch boundary
+continues exactly as if never stopped. It runs any method from the method's declarations alone. After each epoch it
 evaluates on the selection split and hands a metrics dict to a callback (Ray Tune's reporter, or
 the CLI's progress printer).
 """
@@ -13,18 +14,20 @@ import contextlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fairtune import losses
+from fairtune import hyperparameters, losses, terms
 from fairtune.data import DatasetSplits
 from fairtune.data.loader import BatchSource
-from fairtune.data.sampler import balanced_plan, random_plan
-from fairtune.methods import TERMS, Batch, Method, get_method
+from fairtune.data.sampler import SAMPLERS
+from fairtune.errors import UserError
+from fairtune.methods import Method, get_method
+from fairtune.terms import Batch, TrainedTerm
 from fairtune.metrics import cell_tallies, fairness_report, objective_value
 from fairtune.models import ModelOutput, build_model
 from fairtune.schedule import STAGE2_EPOCH, stage2_epoch
@@ -43,14 +46,48 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     adv_lr: float = 3e-3  # the supplement's value (docs/protocol.md §3, `ad`)
-    T: float | None = None
-    lam: float | None = None
-    distill_lam: float | None = None
+    # name -> value, names from fairtune.hyperparameters; kept in the table's order
+    hyperparameters: Mapping[str, float] = field(default_factory=dict)
     objective: str = "acc-deo_a"
     eval_batch_size: int = 500
     plateau_factor: float = 0.1
     plateau_patience: int = 10
     compile: bool = False  # torch.compile the student's training forward; eager if compilation fails
+
+    def __post_init__(self) -> None:
+        given = {k: v for k, v in dict(self.hyperparameters).items() if v is not None}
+        for name in given:
+            hyperparameters.get(name)
+        ordered = {name: float(given[name]) for name in hyperparameters.HYPERPARAMETERS if name in given}
+        object.__setattr__(self, "hyperparameters", ordered)
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.record(), sort_keys=True))
+
+    def record(self) -> dict:
+        """The stored form (records' ``config``, checkpoints): one key per field, every hyperparameter
+        of the table flattened in its place (null where unused), so records stay flat and comparable."""
+        out: dict = {}
+        for f in fields(self):
+            if f.name == "hyperparameters":
+                out.update({name: self.hyperparameters.get(name) for name in hyperparameters.HYPERPARAMETERS})
+            else:
+                out[f.name] = getattr(self, f.name)
+        return out
+
+    @classmethod
+    def from_record(cls, record: dict) -> "TrainConfig":
+        """A config from its stored form; keys of neither a field nor a hyperparameter are refused."""
+        names = {f.name for f in fields(cls)} - {"hyperparameters"}
+        unknown = set(record) - names - set(hyperparameters.HYPERPARAMETERS)
+        if unknown:
+            raise UserError(f"a stored config names {sorted(unknown)[0]!r}, neither a setting nor a known hyperparameter (a plugin not loaded?)")
+        hyper = {k: v for k, v in record.items() if k in hyperparameters.HYPERPARAMETERS}
+        return cls(**{k: v for k, v in record.items() if k in names}, hyperparameters=hyper)
+
+    def with_hyperparameters(self, values: Mapping[str, float]) -> "TrainConfig":
+        """This config with ``values`` set (a trial's sampled ones, a fixed one from a best config)."""
+        return replace(self, hyperparameters={**self.hyperparameters, **values})
 
     @property
     def hint_epochs(self) -> int:
@@ -62,9 +99,6 @@ class TrainConfig:
         """FitNet runs 1.5·E epochs: E/2 of hints, then E of CE + KD."""
         return self.hint_epochs + self.epochs
 
-    def hyperparameters(self) -> dict[str, float]:
-        return {k: v for k, v in (("T", self.T), ("lam", self.lam), ("distill_lam", self.distill_lam)) if v is not None}
-
 
 # TrainConfig fields that change what a method trains (besides the method and its hyperparameters):
 # runs that differ in one of them follow different protocols, so they must not share a table row,
@@ -74,13 +108,20 @@ PROTOCOL_FIELDS = ("epochs", "batch_size", "lr", "adv_lr", "plateau_factor", "pl
 
 
 def training_protocol(config: dict) -> dict:
-    """The protocol settings of a stored config (``asdict(TrainConfig)``) that its method uses.
+    """The protocol settings of a stored config (``TrainConfig.record()``) that its method uses.
 
-    ``adv_lr`` counts only for methods with adversaries (a teacher never read it); a field a record
-    predates is absent rather than assumed.
+    A setting only some terms read (``adv_lr``: AD's) counts only for methods with such a term (a
+    teacher never read it); a field a record predates is absent rather than assumed.
     """
-    adversary = get_method(config["method"]).adversary if "method" in config else True
-    return {k: config[k] for k in PROTOCOL_FIELDS if k in config and (k != "adv_lr" or adversary)}
+    used = get_method(config["method"]).config_fields if "method" in config else None
+    term_only = frozenset(f for spec in terms.TERMS.values() for f in getattr(spec, "config_fields", ()))
+    return {k: config[k] for k in PROTOCOL_FIELDS if k in config and (k not in term_only or used is None or k in used)}
+
+
+def same_config(stored: dict, current: dict) -> bool:
+    """Stored and current ``record()`` forms agree; a hyperparameter one side lacks counts as null
+    (a record written before a plugin added a row to the table)."""
+    return all(stored.get(k) == current.get(k) for k in set(stored) | set(current))
 
 
 @dataclass
@@ -90,10 +131,6 @@ class EpochPlan:
     index: int
     stage: str  # "hint" (FitNet's stage 1) or "main"
     kd_weight: float  # annealed λ_h of Hinton KD for this epoch
-
-
-# Loss terms that read the teacher's last conv feature map rather than its logits or features.
-FEATURE_MAP_TERMS = frozenset({"at", "nst"})
 
 
 def _as_float(output: ModelOutput | None) -> ModelOutput | None:
@@ -116,7 +153,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.method: Method = get_method(self.config.method)
-        missing = [p for p in self.method.params if getattr(self.config, p) is None]
+        missing = [p for p in self.method.params if p not in self.config.hyperparameters]
         if missing:
             raise ValueError(f"method {self.method.name} needs {', '.join(missing)}")
         if self.method.needs_teacher and self.teacher is None:
@@ -143,14 +180,14 @@ class Trainer:
                 self._fall_back_to_eager(exc)
         self.optimizer = torch.optim.Adam(self.student.parameters(), lr=self.config.lr)
         self.scheduler = self._plateau(self.optimizer)
-        self.adversaries = None
-        self.adv_optimizers: list[torch.optim.Optimizer] = []
-        self.adv_schedulers: list = []
-        if self.method.adversary:
-            # Fresh at the start of the run; one optimiser and plateau scheduler per class (docs/protocol.md §3).
-            self.adversaries = losses.ClassAdversaries(info.num_classes, info.num_groups).to(self.device)
-            self.adv_optimizers = [torch.optim.Adam(m.parameters(), lr=self.config.adv_lr) for m in self.adversaries]
-            self.adv_schedulers = [self._plateau(o) for o in self.adv_optimizers]
+        # Terms with state of their own, fresh at the start of the run (after the student: the same
+        # draws of the global RNG initialise both on every run).
+        self.trained: dict[str, TrainedTerm] = {
+            use.term: use.spec(info, self.config, self.device)
+            for use in self.method.terms
+            if isinstance(use.spec, type) and issubclass(use.spec, TrainedTerm)
+        }
+        self._term_metrics: set[str] = set()  # keys the trained terms add to an evaluation
         self.train_source = BatchSource(self.data.train, info, self.device)
         self.selection_source = BatchSource(self.data.selection, info, self.device)
         self.teacher_table = self._build_teacher_table()
@@ -187,9 +224,8 @@ class Trainer:
         selection = self.evaluate(self.selection_source)
         if plan.stage == "main":
             self.scheduler.step(selection["loss"])
-            for scheduler, adv_loss in zip(self.adv_schedulers, selection.get("adversary_loss", [])):
-                if adv_loss is not None:
-                    scheduler.step(adv_loss)
+            for term in self.trained.values():
+                term.end_epoch(selection)
         self.epoch += 1
         metrics = {
             "epoch": self.epoch,
@@ -198,13 +234,13 @@ class Trainer:
             "kd_weight": plan.kd_weight,
             "lr": self.optimizer.param_groups[0]["lr"],
             **{f"train/{k}": v for k, v in train_stats.items()},
-            **{k: v for k, v in selection.items() if k != "adversary_loss"},
+            **{k: v for k, v in selection.items() if k not in self._term_metrics},
             "objective": objective_value(
                 self.config.objective, accuracy=selection["accuracy"], deo_a=selection["deo_a"], deo_m=selection["deo_m"]
             ),
+            # what the trained terms measured on the selection split (AD: its adversaries' loss per class)
+            **{k: v for k, v in selection.items() if k in self._term_metrics},
         }
-        if "adversary_loss" in selection:
-            metrics["adversary_loss"] = selection["adversary_loss"]
         self.history.append(metrics)
         return metrics
 
@@ -216,22 +252,20 @@ class Trainer:
     def _train_one_epoch(self, plan: EpochPlan) -> dict[str, float]:
         info = self.data.info
         labels, groups = self.data.train.labels, self.data.train.groups
-        if self.method.sampler == "balanced":
-            index_plan = balanced_plan(labels, groups, info.num_classes, info.num_groups, self.config.batch_size, self.generator)
-        else:
-            index_plan = random_plan(len(labels), self.config.batch_size, self.generator)
+        sampler = SAMPLERS[self.method.sampler]
+        index_plan = sampler(labels, groups, info.num_classes, info.num_groups, self.config.batch_size, self.generator)
         augmentation = self.train_source.draw_augmentation(*index_plan.shape, self.generator)
-        hp = self.config.hyperparameters()
+        hp = self.config.hyperparameters
         self.student.train()
-        if self.adversaries is not None:
-            self.adversaries.train()
+        for term in self.trained.values():
+            term.train()
         sums: dict[str, torch.Tensor] = {}
         for step, index in enumerate(self.train_source.stage_plan(index_plan)):
             images, y, g = self.train_source.gather(index)
             params = {k: v[step] for k, v in augmentation.items()}
             x = self.train_source.train_batch(images, params)
-            batch = Batch(y, g, info.num_classes, info.num_groups)
-            teacher = self._teacher_outputs(x, index, params["flip"])
+            batch = Batch(y, g, info.num_classes, info.num_groups, plan.kd_weight)
+            teacher = self._teacher_outputs(x, index, params.get("flip"))
             if self._compile_unproven:
                 loss, terms = self._first_compiled_step(plan, x, teacher, batch, hp)
             else:
@@ -259,7 +293,7 @@ class Trainer:
         if (
             self.teacher is None
             or self.data.info.augment != "flip"
-            or any(term.loss in FEATURE_MAP_TERMS for term in self.method.terms)
+            or "feature_map" in self.method.teacher_outputs
         ):
             return None
         source, rows = self.train_source, []
@@ -297,13 +331,13 @@ class Trainer:
         terms = self._loss_terms(plan, _as_float(student), _as_float(teacher), batch, hp)
         loss = torch.stack([t.float() for t in terms.values()]).sum()
         self.optimizer.zero_grad(set_to_none=True)
-        for optimizer in self.adv_optimizers:
-            optimizer.zero_grad(set_to_none=True)
+        for term in self.trained.values():
+            term.zero_grad()
         loss.backward()
         self.optimizer.step()
         if plan.stage == "main":
-            for optimizer in self.adv_optimizers:
-                optimizer.step()
+            for term in self.trained.values():
+                term.step()
         return loss, terms
 
     def _first_compiled_step(
@@ -335,14 +369,16 @@ class Trainer:
         self._compile_unproven = False
 
     def _loss_terms(self, plan: EpochPlan, student, teacher, batch: Batch, hp: dict) -> dict[str, torch.Tensor]:
+        """Each term's value under its name; the student's loss is their sum."""
         if plan.stage == "hint":
-            return {"hint": losses.hint_loss(student.features, teacher.features)}
-        terms = {"ce": F.cross_entropy(student.logits, batch.labels)}
-        for term in self.method.terms:
-            terms[term.loss] = TERMS[term.loss](student, teacher, batch, hp.get(term.param), plan.kd_weight)
-        if self.adversaries is not None:
-            terms["adversary"] = losses.ad_loss(student.logits, batch.labels, batch.groups, self.adversaries, hp["lam"])
-        return terms
+            hint = terms.get(self.method.hint_term)
+            return {hint.name: hint(student, teacher, batch, {})}
+        values = {"ce": F.cross_entropy(student.logits, batch.labels)} if self.method.ce else {}
+        for use in self.method.terms:
+            own = {name: hp[bound] for name, bound in use.bindings().items()}
+            trained = self.trained.get(use.term)
+            values[use.spec.name] = trained.loss(student, teacher, batch, own) if trained else use.spec(student, teacher, batch, own)
+        return values
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -351,7 +387,8 @@ class Trainer:
         info = self.data.info
         self.student.eval()
         correct = total = ce_sum = None
-        adv_sum = adv_count = None
+        for term in self.trained.values():
+            term.eval()
         for index in source.eval_chunks(self.config.eval_batch_size):
             images, y, g = source.gather(index)
             with self._autocast():
@@ -360,12 +397,8 @@ class Trainer:
             ce = F.cross_entropy(logits, y, reduction="sum")
             correct, total = (c, t) if correct is None else (correct + c, total + t)
             ce_sum = ce if ce_sum is None else ce_sum + ce
-            if self.adversaries is not None:
-                self.adversaries.eval()
-                per_sample = self.adversaries.per_sample_ce(logits, y, g)
-                s = torch.bincount(y, weights=per_sample.double(), minlength=info.num_classes)
-                n = torch.bincount(y, minlength=info.num_classes)
-                adv_sum, adv_count = (s, n) if adv_sum is None else (adv_sum + s, adv_count + n)
+            for term in self.trained.values():
+                term.observe(logits, y, g)
         report = fairness_report(correct, total)
         result = {
             "loss": float(ce_sum) / len(source),
@@ -376,10 +409,10 @@ class Trainer:
             "cell_counts": report.cell_counts,
             "empty_cells": [list(cell) for cell in report.empty_cells],
         }
-        if adv_sum is not None:
-            result["adversary_loss"] = [
-                float(s) / int(n) if int(n) else None for s, n in zip(adv_sum.cpu(), adv_count.cpu())
-            ]
+        for term in self.trained.values():
+            extra = term.evaluation()
+            self._term_metrics.update(extra)
+            result.update(extra)
         return result
 
     def test_metrics(self) -> dict:
@@ -393,7 +426,7 @@ class Trainer:
             "epoch": self.epoch,
             "stage": plan.stage,
             "kd_weight": plan.kd_weight,
-            "config": asdict(self.config),
+            "config": self.config.record(),
             "student": self.student.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -403,14 +436,12 @@ class Trainer:
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        if self.adversaries is not None:
-            state["adversaries"] = self.adversaries.state_dict()
-            state["adv_optimizers"] = [o.state_dict() for o in self.adv_optimizers]
-            state["adv_schedulers"] = [s.state_dict() for s in self.adv_schedulers]
+        if self.trained:
+            state["terms"] = {name: term.state_dict() for name, term in self.trained.items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if state["config"] != asdict(self.config):
+        if not same_config(state["config"], self.config.record()):
             raise ValueError("checkpoint was written by a run with another configuration")
         self.epoch = int(state["epoch"])
         self.student.load_state_dict(state["student"])
@@ -421,12 +452,8 @@ class Trainer:
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.history = json.loads(state["history"])
-        if self.adversaries is not None:
-            self.adversaries.load_state_dict(state["adversaries"])
-            for optimizer, s in zip(self.adv_optimizers, state["adv_optimizers"]):
-                optimizer.load_state_dict(s)
-            for scheduler, s in zip(self.adv_schedulers, state["adv_schedulers"]):
-                scheduler.load_state_dict(s)
+        for name, term in self.trained.items():
+            term.load_state_dict(state["terms"][name])
 
     def _plateau(self, optimizer: torch.optim.Optimizer):
         return torch.optim.lr_scheduler.ReduceLROnPlateau(

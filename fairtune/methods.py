@@ -1,148 +1,185 @@
-"""The method registry: every method is data — loss terms, a sampler, optional stages and adversaries,
-and the one hyperparameter a search tunes. The training loop reads these entries; it has no
-per-method branches.
+"""The method registry: every method is data — loss terms, a sampler, an optional stage of one term
+alone, and the one hyperparameter a search tunes. The training loop reads these entries; it has no
+per-method branches. Terms live in :mod:`fairtune.terms`, hyperparameters in
+:mod:`fairtune.hyperparameters`, samplers in :mod:`fairtune.data.sampler`.
 
-Fairness prefixes compose with the distillation methods: ``ss+X`` trains X with the balanced
-sampler (X's hyperparameter is searched), ``ad+X`` adds adversarial debiasing to X (AD's λ is
-searched and X's own hyperparameter is fixed to the best found for X; FitNet becomes one-stage).
+Fairness prefixes compose with the distillation methods (and any method registered ``composable``):
+``ss+X`` trains X with the balanced sampler (X's hyperparameter is searched), ``ad+X`` adds
+adversarial debiasing to X (AD's λ is searched and X's own hyperparameter is fixed to the best found
+for X; a method with a hint stage becomes one-stage, hint term from the start).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
 
-import torch
-
-from fairtune import losses
+from fairtune import hyperparameters, terms
 from fairtune.errors import UserError
-from fairtune.models import ModelOutput
-
-Sampler = Literal["random", "balanced"]
 
 
 @dataclass(frozen=True)
-class Batch:
-    """What a loss term may look at besides the two models' outputs."""
+class Use:
+    """A term as a method uses it: ``rename`` maps a hyperparameter the term reads to the name the
+    method's config holds it under (``ad+at``'s AT term reads its λ from ``distill_lam``)."""
 
-    labels: torch.Tensor
-    groups: torch.Tensor
-    num_classes: int
-    num_groups: int
+    term: str
+    rename: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def spec(self) -> terms.Term:
+        return terms.get(self.term)
 
-# Each term: (student, teacher, batch, hyperparameter value, annealed λ_h) -> scalar.
-TermFn = Callable[[ModelOutput, "ModelOutput | None", Batch, "float | None", float], torch.Tensor]
-
-TERMS: dict[str, TermFn] = {
-    "hkd": lambda s, t, b, T, kd_weight: losses.hkd_loss(s.logits, t.logits, T, weight=kd_weight),
-    "hint": lambda s, t, b, _, __: losses.hint_loss(s.features, t.features),
-    "at": lambda s, t, b, lam, _: losses.at_loss(s.feature_map, t.feature_map, lam),
-    "nst": lambda s, t, b, lam, _: losses.nst_loss(s.feature_map, t.feature_map, lam),
-    "mfd": lambda s, t, b, lam, _: losses.mfd_loss(
-        s.features, t.features, b.labels, b.groups, b.num_classes, b.num_groups, lam
-    ),
-    "mmd": lambda s, t, b, lam, _: losses.mmd_loss(s.features, b.labels, b.groups, b.num_classes, b.num_groups, lam),
-}
-TEACHERLESS_TERMS = {"mmd"}
-
-
-@dataclass(frozen=True)
-class Term:
-    loss: str  # key of TERMS
-    param: str | None = None  # the hyperparameter it reads: "T", "lam" or "distill_lam"
+    def bindings(self) -> dict[str, str]:
+        """The term's hyperparameter name -> the method config's name for it."""
+        names = dict(self.rename)
+        return {own: names.get(own, own) for own in self.spec.reads}
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     label: str  # the paper's row name
-    terms: tuple[Term, ...] = ()
-    sampler: Sampler = "random"
-    adversary: bool = False
-    hint_stage: bool = False  # FitNet: E/2 epochs of hint loss alone before CE + KD
-    searched: str | None = None  # "T" or "lam"; None = nothing to search
+    terms: tuple[Use, ...] = ()
+    sampler: str = "random"  # key of fairtune.data.sampler.SAMPLERS
+    hint_term: str | None = None  # FitNet: E/2 epochs of this term alone before the main stage
+    searched: str | None = None  # the hyperparameter a search tunes; None = nothing to search
     fixed_from: tuple[tuple[str, str], ...] = ()  # (hyperparameter, method whose best config provides it)
+    ce: bool = True  # the student's cross-entropy is a term (GroupDRO replaces it with its own)
+    composable: bool = False  # ss+X and ad+X exist for it
+
+    @property
+    def hint_stage(self) -> bool:
+        return self.hint_term is not None
+
+    def specs(self) -> list[terms.Term]:
+        return [use.spec for use in self.terms]
 
     @property
     def needs_teacher(self) -> bool:
-        return self.hint_stage or any(term.loss not in TEACHERLESS_TERMS for term in self.terms)
+        return self.hint_stage or any(spec.needs_teacher for spec in self.specs())
 
     @property
     def params(self) -> tuple[str, ...]:
         """Every hyperparameter the method reads, searched one first."""
         names = [self.searched] if self.searched else []
         names += [p for p, _ in self.fixed_from]
-        names += [t.param for t in self.terms if t.param]
+        names += [name for use in self.terms for name in use.bindings().values()]
         return tuple(dict.fromkeys(n for n in names if n))
 
     @property
     def uses_kd_annealing(self) -> bool:
-        return any(term.loss == "hkd" for term in self.terms)
+        return any(spec.annealed for spec in self.specs())
+
+    @property
+    def teacher_outputs(self) -> frozenset[str]:
+        hint = terms.get(self.hint_term).teacher_outputs if self.hint_term else frozenset()
+        return hint.union(*(spec.teacher_outputs for spec in self.specs()))
+
+    @property
+    def config_fields(self) -> frozenset[str]:
+        """Settings of TrainConfig beyond the shared ones that its terms read (AD: ``adv_lr``)."""
+        return frozenset(f for spec in self.specs() for f in getattr(spec, "config_fields", ()))
 
 
 BASE_METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("scratch", "Teacher"),
-        Method("hkd", "HKD", (Term("hkd", "T"),), searched="T"),
-        Method("fitnet", "FitNet", (Term("hkd", "T"),), hint_stage=True, searched="T"),
-        Method("at", "AT", (Term("at", "lam"),), searched="lam"),
-        Method("nst", "NST", (Term("nst", "lam"),), searched="lam"),
+        Method("hkd", "HKD", (Use("hkd"),), searched="T", composable=True),
+        Method("fitnet", "FitNet", (Use("hkd"),), hint_term="hint", searched="T", composable=True),
+        Method("at", "AT", (Use("at"),), searched="lam", composable=True),
+        Method("nst", "NST", (Use("nst"),), searched="lam", composable=True),
         Method("ss", "SS", sampler="balanced"),
-        Method("ad", "AD", adversary=True, searched="lam"),
-        Method("mfd", "MFD", (Term("mfd", "lam"),), sampler="balanced", searched="lam"),
+        Method("ad", "AD", (Use("adversary"),), searched="lam"),
+        Method("mfd", "MFD", (Use("mfd"),), sampler="balanced", searched="lam"),
         # Teacherless ablation (official `scratch_mmd`), trained with MFD's balanced sampler.
-        Method("mmd", "MMD", (Term("mmd", "lam"),), sampler="balanced", searched="lam"),
+        Method("mmd", "MMD", (Use("mmd"),), sampler="balanced", searched="lam"),
     )
 }
-DISTILLATION_METHODS = ("hkd", "fitnet", "at", "nst")
+BUILTIN_METHODS = frozenset(BASE_METHODS)
 PREFIXES = ("ss", "ad")
+# AD's λ is the searched one in ad+X; X's own λ moves aside to this name so both coexist.
+AD_SEARCHED, AD_RENAMED = "lam", "distill_lam"
 
 # The paper's row order; composed extras follow in the order they are asked for.
 PAPER_ORDER = ("scratch", "hkd", "fitnet", "at", "nst", "ss", "ad", "ss+hkd", "ss+fitnet", "ad+hkd", "ad+fitnet", "mfd")
 EXTRA_METHODS = ("mmd",)
 
 
+def composable_methods() -> tuple[str, ...]:
+    return tuple(name for name, m in BASE_METHODS.items() if m.composable)
+
+
 def _with_balanced_sampler(base: Method) -> Method:
-    return replace(base, name=f"ss+{base.name}", label=f"SS+{base.label}", sampler="balanced")
+    return replace(base, name=f"ss+{base.name}", label=f"SS+{base.label}", sampler="balanced", composable=False)
 
 
 def _with_adversary(base: Method) -> Method:
-    # AD's λ becomes the searched "lam"; the distillation term's own λ is renamed so both coexist.
-    renamed = tuple(replace(t, param="distill_lam") if t.param == "lam" else t for t in base.terms)
-    fixed = "distill_lam" if base.searched == "lam" else base.searched
-    hint = (Term("hint"),) if base.hint_stage else ()  # AD+FitNet is one-stage: hint + KD from the start
+    def moved(use: Use) -> Use:
+        bound = use.bindings()
+        rename = tuple((own, AD_RENAMED if name == AD_SEARCHED else name) for own, name in bound.items())
+        return replace(use, rename=tuple(pair for pair in rename if pair[0] != pair[1]))
+
+    renamed = tuple(moved(use) for use in base.terms)
+    fixed = AD_RENAMED if base.searched == AD_SEARCHED else base.searched
+    hint = (Use(base.hint_term),) if base.hint_term else ()  # AD+FitNet is one-stage: hint + KD from the start
     return Method(
         name=f"ad+{base.name}",
         label=f"AD+{base.label}",
-        terms=hint + renamed,
+        terms=hint + renamed + (Use("adversary"),),
         sampler=base.sampler,
-        adversary=True,
-        searched="lam",
-        fixed_from=((fixed, base.name),),
+        searched=AD_SEARCHED,
+        fixed_from=((fixed, base.name),) if fixed else (),
+        ce=base.ce,
     )
 
 
+def register(method: Method) -> Method:
+    """Add a plugin's method; its terms, sampler and hyperparameters must be registered first."""
+    from fairtune.data.sampler import SAMPLERS
+
+    if method.name in BASE_METHODS:
+        raise UserError(f"method '{method.name}' is already registered")
+    if "+" in method.name or not method.name or method.name != method.name.strip():
+        raise UserError(f"method name {method.name!r} may not contain '+' (it composes ss+X / ad+X) or spaces")
+    for use in method.terms:
+        use.spec  # raises for an unknown term
+    if method.hint_term:
+        terms.get(method.hint_term)
+    if method.sampler not in SAMPLERS:
+        raise UserError(f"method '{method.name}': unknown sampler '{method.sampler}'; known: {', '.join(SAMPLERS)}")
+    for name in (method.searched, *(p for p, _ in method.fixed_from)):
+        if name:
+            hyperparameters.get(name)
+    BASE_METHODS[method.name] = method
+    return method
+
+
 def valid_method_names() -> str:
-    return f"{', '.join(BASE_METHODS)}, and ss+X / ad+X for X in {', '.join(DISTILLATION_METHODS)}"
+    return f"{', '.join(BASE_METHODS)}, and ss+X / ad+X for X in {', '.join(composable_methods())}"
 
 
 def get_method(name: str) -> Method:
     """Resolve a CLI name, composing ``ss+`` / ``ad+`` prefixes; unknown names raise UserError."""
+    if name not in BASE_METHODS:
+        from fairtune.plugin import ensure_loaded
+
+        ensure_loaded()
     if name in BASE_METHODS:
         return BASE_METHODS[name]
     prefix, plus, rest = name.partition("+")
-    if plus and prefix in PREFIXES and rest in DISTILLATION_METHODS:
+    if plus and prefix in PREFIXES and rest in composable_methods():
         base = BASE_METHODS[rest]
         return _with_balanced_sampler(base) if prefix == "ss" else _with_adversary(base)
     raise UserError(f"unknown method '{name}'; valid: {valid_method_names()}")
 
 
 def all_method_names() -> list[str]:
-    """Paper methods in paper order, then the extras and every other composition."""
-    composed = [f"{p}+{x}" for p in PREFIXES for x in DISTILLATION_METHODS]
-    return list(dict.fromkeys([*PAPER_ORDER, *EXTRA_METHODS, *composed]))
+    """Paper methods in paper order, then the extras, every other composition, then plugins' methods."""
+    composed = [f"{p}+{x}" for p in PREFIXES for x in composable_methods() if x in BUILTIN_METHODS]
+    plugins = [name for name in BASE_METHODS if name not in BUILTIN_METHODS]
+    plugins += [f"{p}+{x}" for p in PREFIXES for x in composable_methods() if x not in BUILTIN_METHODS]
+    return list(dict.fromkeys([*PAPER_ORDER, *EXTRA_METHODS, *composed, *plugins]))
 
 
 def in_paper_order(names) -> list[str]:

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from fairtune import io
+from fairtune import hyperparameters, io
 from fairtune.data import DataOptions, DatasetSplits
 from fairtune.engine import Trainer, TrainConfig
 from fairtune.errors import UserError
@@ -22,9 +21,6 @@ from fairtune.methods import get_method
 from fairtune.records import BEST_CONFIG, read_record
 from fairtune.spaces import SPACES_DIR, load_space
 from fairtune.teachers import load_teacher, save_teacher, teacher_identity, teacher_paths
-
-PARAM_FLAGS = {"T": "--T", "lam": "--lam", "distill_lam": "--distill-lam"}
-
 
 def best_config_path(results_dir: Path, dataset: str, method: str) -> Path:
     return Path(results_dir) / dataset / "search" / method / "best.json"
@@ -36,14 +32,14 @@ def resolve_hyperparameters(
     """The values a run uses: given ones, else the search space's start (searched) or the best
     config found for the source method (fixed). Misplaced or impossible values raise UserError."""
     method = get_method(method_name)
+    flag = lambda name: hyperparameters.get(name).flag  # noqa: E731
     for name, value in given.items():
         if value is None:
             continue
         if name not in method.params:
-            takes = ", ".join(PARAM_FLAGS[p] for p in method.params) or "no hyperparameter"
-            raise UserError(f"method {method.name} does not use {PARAM_FLAGS[name]}; it takes {takes}")
-        if not math.isfinite(value) or value < 0 or (name == "T" and value == 0):
-            raise UserError(f"{PARAM_FLAGS[name]} {value} is out of range; use a finite value {'> 0' if name == 'T' else '>= 0'}")
+            takes = ", ".join(flag(p) for p in method.params) or "no hyperparameter"
+            raise UserError(f"method {method.name} does not use {flag(name)}; it takes {takes}")
+        hyperparameters.check({name: value})
     values: dict[str, float] = {}
     space = load_space(method.name, spaces_dir)
     if method.searched:
@@ -57,10 +53,10 @@ def resolve_hyperparameters(
         if not path.exists():
             raise UserError(
                 f"{method.name} needs {param} from the best {source} config ({path} is missing); "
-                f"run `fairtune search --method {source} --dataset {dataset}` or pass {PARAM_FLAGS[param]}"
+                f"run `fairtune search --method {source} --dataset {dataset}` or pass {flag(param)}"
             )
         searched = get_method(source).searched
-        redo = f"rerun `fairtune search --method {source} --dataset {dataset}` or pass {PARAM_FLAGS[param]}"
+        redo = f"rerun `fairtune search --method {source} --dataset {dataset}` or pass {flag(param)}"
         best = read_record(path, BEST_CONFIG, redo)
         if searched not in best["hyperparameters"]:
             raise UserError(f"{path} has no hyperparameters.{searched}; {redo}")
@@ -75,7 +71,7 @@ def check_batches(methods: list[str], batch_size: int, data: DatasetSplits) -> N
     cells = info.num_classes * info.num_groups
     size = f" (--train-size {data.options.train_size})" if data.options.train_size else ""
     for name in methods:
-        if get_method(name).sampler == "balanced":
+        if get_method(name).sampler == "balanced":  # the other samplers draw batches of B
             largest = int(train.cell_counts(info.num_classes, info.num_groups).max())
             most = (largest + 1) * cells - 1  # above it, a cell's share of a batch exceeds its largest cell
             if not cells <= batch_size <= most:
@@ -119,7 +115,7 @@ def train_teacher(
     """Train a `scratch` model with ``base``'s protocol; returns (CPU state dict, run record).
 
     Returns data rather than writing files so it can run as a Ray task on any node."""
-    config = replace(base, method="scratch", T=None, lam=None, distill_lam=None)
+    config = replace(base, method="scratch", hyperparameters={})
     result = run_method(config, data, None, device, on_epoch)
     state = {k: v.detach().cpu() for k, v in result.trainer.student.state_dict().items()}
     return state, run_record(config, data, result, device)
@@ -148,8 +144,8 @@ def run_record(config: TrainConfig, data: DatasetSplits, result: RunResult, devi
         "method": config.method,
         "dataset": data.options.dataset,
         "seed": data.options.seed,
-        "hyperparameters": config.hyperparameters(),
-        "config": asdict(config),
+        "hyperparameters": dict(config.hyperparameters),
+        "config": config.record(),
         "data": data.options.fingerprint(),
         "device": str(device),
         "epochs_run": len(result.history),
@@ -163,8 +159,8 @@ def train_run_path(results_dir: Path, config: TrainConfig, options: DataOptions)
     """Where `fairtune train` keeps a run: ``train/<method>/<run>/seed<k>.json``, ``<run>`` being the
     hyperparameters and a digest of every other setting (protocol, data, sizes). Runs that differ in
     anything but the seed never overwrite each other; the seeds of one setting share a folder."""
-    hyper = "_".join(f"{name}{value:g}" for name, value in config.hyperparameters().items()) or "run"
-    settings = {"train": asdict(config), "data": {k: v for k, v in options.fingerprint().items() if k != "seed"}}
+    hyper = "_".join(f"{name}{value:g}" for name, value in config.hyperparameters.items()) or "run"
+    settings = {"train": config.record(), "data": {k: v for k, v in options.fingerprint().items() if k != "seed"}}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return Path(results_dir) / options.dataset / "train" / config.method / f"{hyper}-{digest}" / f"seed{options.seed}.json"
 

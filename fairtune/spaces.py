@@ -1,9 +1,11 @@
 """Search spaces: one YAML per method in ``search_spaces/``, validated on load.
 
 Each names the method's one searched hyperparameter, its distribution, the paper's value per
-dataset (evaluated first as a starting point) and a default for datasets without one. Composed
-extras without a file of their own (``ss+at``, ``ad+nst`` …) get the standard space of their
-hyperparameter (docs/protocol.md §3 choice: T in {1, 2, 3, 4, 5, 10, 20}; λ log-uniform in [1e-4, 1e2]).
+dataset (evaluated first as a starting point) and a default for datasets without one. A plugin's
+method may bring its space (``fairtune.plugin.space``, or ``<method>.yaml`` beside the plugin file).
+Methods without either (``ss+at``, ``ad+nst`` …) get the standard space of their hyperparameter, a
+column of the hyperparameter table (docs/protocol.md §3 choice: T in {1, 2, 3, 4, 5, 10, 20}; λ
+log-uniform in [1e-4, 1e2]).
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from pathlib import Path
 
 import yaml
 
+from fairtune import hyperparameters
 from fairtune.errors import UserError
 from fairtune.methods import get_method
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 KEYS = {"method", "parameter", "distribution", "values", "low", "high", "paper", "default", "fixed"}
-T_VALUES = (1, 2, 3, 4, 5, 10, 20)
-LAM_RANGE = (1e-4, 1e2)
+# Plugins' spaces: method -> a dict of the YAML keys, or the path of such a YAML.
+REGISTERED_SPACES: dict[str, "dict | Path"] = {}
 _MISSING = object()  # a key absent from the file, told apart from one written as null
 
 
@@ -44,11 +47,39 @@ class SearchSpace:
 def _standard(method: str) -> SearchSpace:
     m = get_method(method)
     fixed = {p: source for p, source in m.fixed_from}
-    if m.searched == "T":
-        return SearchSpace(method, "T", "choice", values=T_VALUES, default=4, fixed=fixed)
-    if m.searched == "lam":
-        return SearchSpace(method, "lam", "loguniform", low=LAM_RANGE[0], high=LAM_RANGE[1], default=1.0, fixed=fixed)
-    return SearchSpace(method, None, fixed=fixed)
+    if m.searched is None:
+        return SearchSpace(method, None, fixed=fixed)
+    row = hyperparameters.get(m.searched)
+    if row.distribution == "choice":
+        return SearchSpace(method, row.name, "choice", values=tuple(map(float, row.values)), default=row.default, fixed=fixed)
+    return SearchSpace(method, row.name, "loguniform", low=row.low, high=row.high, default=row.default, fixed=fixed)
+
+
+def register_space(method: str, spec: "dict | Path") -> None:
+    """A plugin's space for its method, validated now so a bad one fails when the plugin loads."""
+    if method in REGISTERED_SPACES:
+        raise UserError(f"a search space for '{method}' is already registered")
+    REGISTERED_SPACES[method] = spec
+    try:
+        _registered(method)
+    except UserError:
+        del REGISTERED_SPACES[method]
+        raise
+
+
+def _registered(method: str) -> SearchSpace | None:
+    """The space a plugin brought for ``method``: registered, or ``<method>.yaml`` beside its file."""
+    from fairtune.plugin import space_folder
+
+    spec = REGISTERED_SPACES.get(method)
+    if spec is None:
+        folder = space_folder(method)
+        if folder is None or not (folder / f"{method}.yaml").exists():
+            return None
+        spec = folder / f"{method}.yaml"
+    if isinstance(spec, Path):
+        return _read_yaml(method, spec)
+    return parse_space(dict(spec), method, f"the search space registered for {method}")
 
 
 def load_space(method: str, directory: Path = SPACES_DIR) -> SearchSpace:
@@ -58,7 +89,15 @@ def load_space(method: str, directory: Path = SPACES_DIR) -> SearchSpace:
     if not path.exists():
         # A user's folder without this method's file means the standard space: the repo's file if any.
         shipped = SPACES_DIR / f"{method}.yaml"
-        return load_space(method) if shipped.exists() and Path(directory).resolve() != SPACES_DIR.resolve() else _standard(method)
+        if shipped.exists() and Path(directory).resolve() != SPACES_DIR.resolve():
+            return load_space(method)
+        return _registered(method) or _standard(method)
+    return _read_yaml(method, path)
+
+
+def _read_yaml(method: str, path: Path) -> SearchSpace:
+    if not path.is_file():
+        raise UserError(f"{path}: no such search-space file")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -60,7 +60,7 @@ def test_final_board_writes_each_epoch_once_then_the_test_metrics(tmp_path):
     stale = board.final_run_dir(tmp_path, "fmnist-s", "hkd", 1) / "events.out.tfevents.0.old"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"")
-    final.start(TrainConfig(method="hkd", epochs=3, T=4.0), seed=1)
+    final.start(TrainConfig(method="hkd", epochs=3, hyperparameters={"T": 4.0}), seed=1)
     assert not stale.exists()  # a rerun starts its curve afresh
     line = {"run": "hkd seed 1", "epoch": 1, "of": 3, "split": "val", "accuracy": 50.0, "deo_a": 4.0, "seconds": 1.0}
     queue = Queue([{**line, "method": "hkd", "seed": 1, "metrics": raw_epoch(1, 50.0)}, {**line, "run": "teacher seed 1"}])

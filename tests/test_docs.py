@@ -104,11 +104,13 @@ def protocol_table_rows() -> dict[str, list[str]]:
 
 
 def test_protocol_states_the_search_spaces_as_configured():
-    from fairtune.spaces import LAM_RANGE, T_VALUES, load_space
+    from fairtune.hyperparameters import HYPERPARAMETERS
+    from fairtune.spaces import load_space
 
     text = (DOCS / "protocol.md").read_text(encoding="utf-8")
-    assert f"T ∈ {{{', '.join(map(str, T_VALUES))}}}" in text
-    assert LAM_RANGE == (1e-4, 1e2) and "λ log-uniform in [1e-4, 1e2]" in text
+    T, lam = HYPERPARAMETERS["T"], HYPERPARAMETERS["lam"]
+    assert f"T ∈ {{{', '.join(f'{v:g}' for v in T.values)}}}" in text
+    assert (lam.low, lam.high) == (1e-4, 1e2) and "λ log-uniform in [1e-4, 1e2]" in text
     rows = protocol_table_rows()
     shipped = sorted(p.stem for p in (REPO / "search_spaces").glob("*.yaml") if load_space(p.stem).parameter)
     assert sorted(rows) == shipped

@@ -35,7 +35,8 @@ def teacher(data):
 
 def config_for(method: str, epochs: int = 2, **overrides) -> TrainConfig:
     params = {p: HYPER[p] for p in get_method(method).params}
-    return TrainConfig(method=method, epochs=epochs, batch_size=64, eval_batch_size=100, **{**params, **overrides})
+    hyper = {**params, **{k: overrides.pop(k) for k in list(overrides) if k in HYPER}}
+    return TrainConfig(method=method, epochs=epochs, batch_size=64, eval_batch_size=100, hyperparameters=hyper, **overrides)
 
 
 def make_trainer(method, data, teacher, **overrides):
@@ -61,7 +62,7 @@ def test_every_method_trains_for_real(method, data, teacher):
     assert all(changed), f"{method}: {changed.count(False)} parameter tensors never changed"
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, teacher_before[k]), f"{method} changed the teacher's {k}"
-    if get_method(method).adversary:
+    if "adversary" in trainer.trained:
         assert len(history[-1]["adversary_loss"]) == 10
 
 
@@ -115,8 +116,9 @@ def test_resume_mid_run_equals_uninterrupted(method, data, teacher):
     assert resumed.history == straight.history
     for a, b in zip(straight.student.state_dict().values(), resumed.student.state_dict().values()):
         assert torch.equal(a, b)
-    if straight.adversaries is not None:
-        for a, b in zip(straight.adversaries.state_dict().values(), resumed.adversaries.state_dict().values()):
+    for name, term in straight.trained.items():  # AD's adversaries, their optimisers and schedulers
+        assert str(term.state_dict()) == str(resumed.trained[name].state_dict())
+        for a, b in zip(term.adversaries.state_dict().values(), resumed.trained[name].adversaries.state_dict().values()):
             assert torch.equal(a, b)
 
 
@@ -153,8 +155,9 @@ def test_plateau_scheduler_follows_selection_loss(data, teacher):
 
 def test_each_adversary_has_its_own_optimiser_at_the_supplement_lr(data):
     trainer = make_trainer("ad", data, None)
-    assert isinstance(trainer.adversaries, losses.ClassAdversaries)
-    assert len(trainer.adv_optimizers) == 10 and all(o.param_groups[0]["lr"] == 3e-3 for o in trainer.adv_optimizers)
+    adversary = trainer.trained["adversary"]
+    assert isinstance(adversary.adversaries, losses.ClassAdversaries)
+    assert len(adversary.optimizers) == 10 and all(o.param_groups[0]["lr"] == 3e-3 for o in adversary.optimizers)
 
 
 # -- --compile --------------------------------------------------------------------------------
@@ -289,11 +292,11 @@ def test_training_steps_never_wait_for_the_gpu(method, data, teacher):
 def test_continuing_from_the_shared_hint_stage_equals_a_trial_of_its_own(data, teacher, tmp_path):
     from fairtune.tune.trainable import TrialSpec, _start_after_hint_stage, hint_stage_file
 
-    config = TrainConfig(method="fitnet", epochs=4, batch_size=64, eval_batch_size=100, T=4.0)
+    config = TrainConfig(method="fitnet", epochs=4, batch_size=64, eval_batch_size=100, hyperparameters={"T": 4.0})
     own = Trainer(config, data, teacher, DEVICE)
     own.fit()
 
-    shared = Trainer(replace(config, T=2.0), data, teacher, DEVICE)  # the stage is trained with another T
+    shared = Trainer(config.with_hyperparameters({"T": 2.0}), data, teacher, DEVICE)  # the stage is trained with another T
     while shared.epoch < shared.hint_epochs:
         shared.run_epoch()
     hint_stage_file(tmp_path).parent.mkdir(parents=True)

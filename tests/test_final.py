@@ -334,7 +334,7 @@ def store_teacher(results: Path, seed: int, **config) -> None:
 
     files = teacher_paths(results, "fmnist-s", seed)
     io.write_bytes(files.weights, b"weights")
-    io.write_json(files.metrics, {"config": TrainConfig(method="scratch", batch_size=40, **config).__dict__, "test": {}})
+    io.write_json(files.metrics, {"config": TrainConfig(method="scratch", batch_size=40, **config).record(), "test": {}})
 
 
 def test_plan_refuses_a_stored_teacher_of_another_protocol(tmp_path, capsys):

@@ -80,7 +80,7 @@ def test_engine_reports_the_stage2_clock(tmp_path):
 
     data = tiny_splits(n_train=64, n_eval=40)
     teacher = build_model("cnn", 10, 32).eval()
-    history = Trainer(TrainConfig(method="fitnet", epochs=2, T=4.0, batch_size=32), data, teacher).fit()
+    history = Trainer(TrainConfig(method="fitnet", epochs=2, hyperparameters={"T": 4.0}, batch_size=32), data, teacher).fit()
     assert [m[STAGE2_EPOCH] for m in history] == [0, 1, 2] and [m["stage"] for m in history] == ["hint", "main", "main"]
-    history = Trainer(TrainConfig(method="mfd", epochs=2, lam=1.0, batch_size=32), data, teacher).fit()
+    history = Trainer(TrainConfig(method="mfd", epochs=2, hyperparameters={"lam": 1.0}, batch_size=32), data, teacher).fit()
     assert [m[STAGE2_EPOCH] for m in history] == [1, 2]

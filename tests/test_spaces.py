@@ -5,7 +5,8 @@ import pytest
 
 from fairtune.errors import UserError
 from fairtune.methods import PAPER_ORDER, all_method_names, get_method
-from fairtune.spaces import LAM_RANGE, SPACES_DIR, T_VALUES, load_space
+from fairtune.hyperparameters import HYPERPARAMETERS
+from fairtune.spaces import SPACES_DIR, load_space
 
 REFERENCE = Path(__file__).resolve().parents[1] / "fairtune" / "reference" / "paper_hyperparameters.csv"
 
@@ -16,10 +17,10 @@ def test_every_method_has_a_valid_space_matching_its_registry_entry():
         method = get_method(name)
         assert space.parameter == method.searched
         assert space.fixed == dict(method.fixed_from)
-        if space.parameter == "T":
-            assert space.values == T_VALUES
-        elif space.parameter == "lam":
-            assert (space.low, space.high) == LAM_RANGE
+        if space.parameter is not None:  # the standard space of its row of the hyperparameter table
+            row = HYPERPARAMETERS[space.parameter]
+            assert space.distribution == row.distribution
+            assert space.values == tuple(map(float, row.values)) and (space.low, space.high) == (row.low, row.high)
     assert {p.stem for p in SPACES_DIR.glob("*.yaml")} >= set(PAPER_ORDER)
 
 

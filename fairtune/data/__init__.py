@@ -32,6 +32,10 @@ def default_data_dir() -> Path:
 
 
 def dataset_module(name: str) -> ModuleType:
+    if name not in DATASETS:
+        from fairtune.plugin import ensure_loaded
+
+        ensure_loaded()
     try:
         return DATASETS[name]
     except KeyError:
@@ -79,8 +83,19 @@ def load_dataset(options: DataOptions, data_dir: Path | str | None = None) -> Da
     return splits
 
 
+def register_dataset(name: str, source) -> None:
+    """A plugin's dataset: a module or object with the contract in this module's docstring."""
+    missing = [attr for attr in ("info", "EXPECTED", "locate", "load") if not hasattr(source, attr)]
+    if missing:
+        raise UserError(f"dataset '{name}' lacks {', '.join(missing)} (see the contract in fairtune.data)")
+    if name in DATASETS and DATASETS[name] is not source:
+        raise UserError(f"dataset '{name}' is already registered")
+    DATASETS[name] = source
+
+
 __all__ = [
     "DATASETS",
+    "register_dataset",
     "DataOptions",
     "DatasetInfo",
     "DatasetSplits",

@@ -8,12 +8,15 @@ epoch are drawn up front from the run's generator, which keeps runs reproducible
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fairtune.data.base import DatasetInfo, ImageView, Split
+from fairtune.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,28 +68,12 @@ class BatchSource:
 
     def draw_augmentation(self, num_batches: int, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Every random number the epoch's augmentation needs, (num_batches, batch_size, ...) on the device."""
-        shape = (num_batches, batch_size)
-        params = {"flip": torch.rand(shape, generator=generator) < 0.5}
-        if self.info.augment == "resize_crop_flip":
-            params["crop"] = torch.rand(*shape, 2, generator=generator)
-        elif self.info.augment == "random_resized_crop_flip":
-            # Every attempt torchvision may make, drawn up front; the first box that fits is used.
-            params["area"] = torch.rand(*shape, CROP_ATTEMPTS, generator=generator)
-            params["log_ratio"] = torch.rand(*shape, CROP_ATTEMPTS, generator=generator)
-            params["offset"] = torch.rand(*shape, 2, generator=generator)
+        params = augmentation(self.info.augment).draw((num_batches, batch_size), generator)
         return {k: v.to(self.device, non_blocking=True) for k, v in params.items()}
 
     def train_batch(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Augmented float batch; ``params`` holds one batch's row of :meth:`draw_augmentation`."""
-        x = images.float().div_(255.0)
-        size = self.info.image_size
-        if self.info.augment == "resize_crop_flip":
-            x = F.interpolate(x, size=(UTKFACE_RESIZE, UTKFACE_RESIZE), mode="bilinear", antialias=True, align_corners=False)
-            x = _crop(x, params["crop"][: len(x)], size)
-        elif self.info.augment == "random_resized_crop_flip":
-            x = _random_resized_crop(x, params, size)
-        flip = params["flip"][: len(x)].view(-1, 1, 1, 1)
-        x = torch.where(flip, x.flip(3), x)
+        x = augmentation(self.info.augment).apply(self, images.float().div_(255.0), params)
         return self._finish(x)
 
     def eval_batch(self, images: torch.Tensor) -> torch.Tensor:
@@ -105,6 +92,67 @@ class BatchSource:
         """Sequential (index) chunks covering the split once."""
         for start in range(0, len(self), batch_size):
             yield torch.arange(start, min(start + batch_size, len(self)))
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """A training augmentation: ``draw(shape, generator)`` draws every random number of an epoch up
+    front, (num_batches, batch_size, ...) tensors by name, so a resumed run replays them from the
+    generator; ``apply(source, x, params)`` augments one float batch in [0, 1] with its row."""
+
+    draw: Callable[[tuple[int, int], torch.Generator], dict[str, torch.Tensor]]
+    apply: Callable[["BatchSource", torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def _draw_flip(shape: tuple[int, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"flip": torch.rand(shape, generator=generator) < 0.5}
+
+
+def _flip(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    flip = params["flip"][: len(x)].view(-1, 1, 1, 1)
+    return torch.where(flip, x.flip(3), x)
+
+
+def _draw_resize_crop_flip(shape, generator):
+    return {**_draw_flip(shape, generator), "crop": torch.rand(*shape, 2, generator=generator)}
+
+
+def _resize_crop_flip(source: "BatchSource", x: torch.Tensor, params) -> torch.Tensor:
+    x = F.interpolate(x, size=(UTKFACE_RESIZE, UTKFACE_RESIZE), mode="bilinear", antialias=True, align_corners=False)
+    return _flip(_crop(x, params["crop"][: len(x)], source.info.image_size), params)
+
+
+def _draw_random_resized_crop_flip(shape, generator):
+    # Every attempt torchvision may make, drawn up front; the first box that fits is used.
+    return {
+        **_draw_flip(shape, generator),
+        "area": torch.rand(*shape, CROP_ATTEMPTS, generator=generator),
+        "log_ratio": torch.rand(*shape, CROP_ATTEMPTS, generator=generator),
+        "offset": torch.rand(*shape, 2, generator=generator),
+    }
+
+
+AUGMENTATIONS: dict[str, Augmentation] = {
+    "flip": Augmentation(_draw_flip, lambda source, x, params: _flip(x, params)),
+    "resize_crop_flip": Augmentation(_draw_resize_crop_flip, _resize_crop_flip),
+    "random_resized_crop_flip": Augmentation(
+        _draw_random_resized_crop_flip, lambda source, x, params: _flip(_random_resized_crop(x, params, source.info.image_size), params)
+    ),
+}
+
+
+def augmentation(name: str) -> Augmentation:
+    try:
+        return AUGMENTATIONS[name]
+    except KeyError:
+        raise UserError(f"unknown augmentation '{name}'; known: {', '.join(AUGMENTATIONS)}") from None
+
+
+def register_augmentation(name: str, draw: Callable, apply: Callable) -> Augmentation:
+    if name in AUGMENTATIONS:
+        raise UserError(f"augmentation '{name}' is already registered")
+    AUGMENTATIONS[name] = Augmentation(draw, apply)
+    return AUGMENTATIONS[name]
 
 
 def _take_rows(images: "np.ndarray | ImageView", rows: np.ndarray, out: np.ndarray) -> None:

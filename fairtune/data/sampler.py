@@ -6,6 +6,8 @@ so the training loop can checkpoint the generator and a resumed run draws the sa
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -67,3 +69,21 @@ def balanced_plan(
         draws = torch.argsort(torch.rand(passes, count, generator=generator), dim=1)
         columns.append(members[draws.flatten()[:needed]].reshape(num_batches, per_cell))
     return torch.cat(columns, dim=1)
+
+
+# A sampler: (labels, groups, num_classes, num_groups, batch_size, generator) -> (num_batches, B) plan.
+# Plugins add theirs with fairtune.plugin.sampler; a method names one by key.
+Sampler = Callable[[torch.Tensor, torch.Tensor, int, int, int, torch.Generator], torch.Tensor]
+SAMPLERS: dict[str, Sampler] = {
+    "random": lambda labels, groups, num_classes, num_groups, batch_size, generator: random_plan(len(labels), batch_size, generator),
+    "balanced": balanced_plan,
+}
+
+
+def register(name: str, sampler: Sampler) -> Sampler:
+    from fairtune.errors import UserError
+
+    if name in SAMPLERS and SAMPLERS[name] is not sampler:
+        raise UserError(f"sampler '{name}' is already registered")
+    SAMPLERS[name] = sampler
+    return sampler

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from fairtune.data import DATASETS, DataOptions
 from fairtune.engine import TrainConfig
+from fairtune.hyperparameters import HYPERPARAMETERS
 from fairtune.methods import all_method_names, get_method
 from fairtune.metrics import objective_value
 from fairtune.selection import BEST, Rule, final_dir
@@ -45,7 +46,6 @@ from fairtune.tune.ledger import TRIAL_KEY, Ledger
 
 TB_FOLDER = "tb"
 SEARCH, FINAL = "search", "final"
-HYPERPARAMETERS = ("T", "lam", "distill_lam")
 # Selection-split metric -> tag; these four lead the HParams table (its first columns are ticked).
 VAL_TAGS = {"accuracy": "val/accuracy", "deo_a": "val/deo_a", "deo_m": "val/deo_m", "objective": "val/objective", "loss": "val/loss"}
 
@@ -73,9 +73,10 @@ def _experiment_pb():
         hp.HParam("kind", hp.Discrete([SEARCH, FINAL]), description="a search trial or a final rerun"),
         hp.HParam("seed", description="data, teacher and training seed"),
         hp.HParam("dataset", hp.Discrete(sorted(DATASETS)), description="for a --logdir holding several datasets"),
-        hp.HParam("T", description="distillation temperature (hkd, fitnet and their ss+/ad+ variants)"),
-        hp.HParam("lam", display_name="λ", description="the method's loss weight (at, nst, ad, mfd, mmd, ad+X)"),
-        hp.HParam("distill_lam", display_name="λ_distill", description="ad+at / ad+nst: the fixed distillation weight"),
+    ]
+    hparams += [
+        hp.HParam(row.name, display_name=None if row.symbol == row.name else row.symbol, description=row.help)
+        for row in HYPERPARAMETERS.values()
     ]
     split = "selection split (val; test under --select-on test), last epoch"
     metrics = [
@@ -93,11 +94,12 @@ def _experiment_pb():
     ]
     summary = hp.hparams_config_pb(hparams, metrics, time_created_secs=0.0)
     # The plugin lists hyperparameters that differ first, then by name, and the dashboard ticks the first
-    # five: `differs` (which the API does not set) leaves dataset and distill_lam (ad+at, ad+nst only)
-    # last, unticked.
+    # five: `differs` (which the API does not set) leaves dataset and the hyperparameters no method
+    # searches (distill_lam: fixed in ad+at, ad+nst) last, unticked.
+    searched = {get_method(name).searched for name in all_method_names()}
     experiment = plugin_data_pb2.HParamsPluginData.FromString(summary.value[0].metadata.plugin_data.content)
     for info in experiment.experiment.hparam_infos:
-        info.differs = info.name not in ("dataset", "distill_lam")
+        info.differs = info.name != "dataset" and (info.name not in HYPERPARAMETERS or info.name in searched)
     summary.value[0].metadata.plugin_data.content = experiment.SerializeToString()
     return summary
 
@@ -193,7 +195,7 @@ def search_callback(ledger: Ledger, experiment_dir: Path, base_config: TrainConf
             trial_id = trial.config[TRIAL_KEY]
             if trial_id not in self.runs:
                 value = trial.config.get(parameter) if parameter else None
-                hyper = {**base_config.hyperparameters(), **{k: v for k, v in trial.config.items() if k != TRIAL_KEY}}
+                hyper = {**base_config.hyperparameters, **{k: v for k, v in trial.config.items() if k != TRIAL_KEY}}
                 folder = search_run_dir(experiment_dir, trial_id, parameter, value)
                 hparams = _session_hparams(data.dataset, base_config.method, SEARCH, data.seed, hyper)
                 self.runs[trial_id] = RunWriter(folder, hparams, f"{base_config.method} {folder.name}")
@@ -249,7 +251,7 @@ class FinalBoard:
         or replaced by --force) is cleared."""
         folder = final_run_dir(self.results_dir, self.dataset, config.method, seed, self.rule)
         shutil.rmtree(folder, ignore_errors=True)
-        hparams = _session_hparams(self.dataset, config.method, FINAL, seed, config.hyperparameters())
+        hparams = _session_hparams(self.dataset, config.method, FINAL, seed, config.hyperparameters)
         kind = "final" if self.rule == BEST else f"final ({self.rule.text})"
         run = RunWriter(folder, hparams, f"{config.method} {kind} seed{seed}")
         self.runs[(config.method, seed)] = (run, set(), config.objective)

@@ -34,6 +34,14 @@ TUNE_ENV = {
 }
 
 
+def job_env() -> dict[str, str]:
+    """Environment every Ray job fairtune starts carries to its workers, on any node: Tune's settings
+    and the plugins this process loaded (``fairtune.plugin``), so workers know the same names."""
+    from fairtune.plugin import ENV
+
+    return {**TUNE_ENV, **({ENV: os.environ[ENV]} if os.environ.get(ENV) else {})}
+
+
 AUTH_MODE = "RAY_AUTH_MODE"
 # Where Ray 2.60's token loader (C++, AuthenticationTokenLoader) looks, first match wins; a
 # RAY_AUTH_TOKEN_PATH naming no readable, non-empty file is an error there, not a fall-through.
@@ -185,10 +193,10 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: float | 
             if address is None:
                 ray.init(
                     address="local", include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus,
-                    log_to_driver=False, logging_level="ERROR",
+                    log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": job_env()},
                 )
             else:
-                ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+                ray.init(address=address, log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": job_env()})
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as exc:
             # Not probed above (a Ray Client address, ray://, or no grpc module): Ray's own failure.
             if address is not None and _refused_token(exc):

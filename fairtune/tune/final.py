@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +32,7 @@ from fairtune import io
 from fairtune.data import DataOptions, dataset_info, load_dataset
 from fairtune.engine import TrainConfig, training_protocol
 from fairtune.errors import UserError
+from fairtune.hyperparameters import HYPERPARAMETERS
 from fairtune.methods import get_method, in_paper_order
 from fairtune.metrics import parse_objective
 from fairtune.records import ANY_RECORD, BEST_CONFIG, problem, read_record
@@ -44,7 +45,6 @@ Printer = Callable[[str], None]
 PROGRESS_EVERY_S = 30.0
 
 # Fields of the protocol shared by every method of one final; the rest are the method's own.
-HYPERPARAMETER_FIELDS = ("method", "T", "lam", "distill_lam")
 PER_SEED_DATA_FIELDS = ("dataset", "seed")
 PROTOCOL_FLAGS = ("epochs", "batch_size", "lr")  # protocol fields the command line sets
 VAL_KEYS = ("accuracy", "deo_a", "deo_m")  # the chosen trial's validation metrics a seed record keeps
@@ -165,7 +165,7 @@ def chosen_methods(settings: FinalSettings) -> list[str]:
 
 def _protocol(settings: FinalSettings, bests: dict[str, dict]) -> tuple[dict, dict]:
     """Training and data settings shared by every run: the searches' (which must agree), then flags."""
-    train_names = [f.name for f in fields(TrainConfig) if f.name not in HYPERPARAMETER_FIELDS]
+    train_names = [f.name for f in fields(TrainConfig) if f.name not in ("method", "hyperparameters")]
     data_names = [f.name for f in fields(DataOptions) if f.name not in PER_SEED_DATA_FIELDS]
     resolved: list[dict] = []
     for names, part, overrides in ((train_names, "train", settings.train_overrides), (data_names, "data", settings.data_overrides)):
@@ -193,8 +193,8 @@ def _same_run(record: dict, config: TrainConfig, options: DataOptions) -> str | 
     stored = record.get("config") or {}
     diff = [
         f"{k} {stored.get(k)!r} vs {v!r}"
-        for k, v in asdict(config).items()
-        if (k in stored or k in HYPERPARAMETER_FIELDS) and stored.get(k) != v
+        for k, v in config.record().items()
+        if (k in stored or k in HYPERPARAMETERS or k == "method") and stored.get(k) != v
     ]
     if diff:
         return "; ".join(diff)
@@ -216,7 +216,7 @@ def plan_final(settings: FinalSettings) -> FinalPlan:
             search = f"fairtune search --method {name} --dataset {settings.dataset}"
             raise UserError(f"{name} has no best config ({best_config_path(settings.results_dir, settings.dataset, name)}); run `{search}` first")
         hyper, selection = _chosen_config(settings, name, bests.get(name))
-        config = TrainConfig(method=name, **train, **hyper)
+        config = TrainConfig(method=name, **train, hyperparameters=hyper)
         todo, done = [], []
         for seed in settings.seeds:
             path = final_path(settings.results_dir, settings.dataset, name, seed, settings.rule)
@@ -244,7 +244,7 @@ def _check_stored_teachers(settings: FinalSettings, base: TrainConfig, seeds: li
     It would be used as it is: the Teacher row would report it and every KD student would learn from
     it, so the table would silently mix protocols. Its data settings are checked when it is loaded.
     """
-    wanted = training_protocol(asdict(base))
+    wanted = training_protocol(base.record())
     for seed in seeds:
         files = teacher_paths(settings.results_dir, settings.dataset, seed)
         if not files.weights.exists():
@@ -291,7 +291,7 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
     for job in plan.jobs if settings.rule != BEST else ():
         if job.selection.get("trial_id") is not None:
             val = job.selection["val"]
-            hyper = ", ".join(f"{k}={v:g}" for k, v in job.config.hyperparameters().items()) or "no hyperparameters"
+            hyper = ", ".join(f"{k}={v:g}" for k, v in job.config.hyperparameters.items()) or "no hyperparameters"
             say(f"  {job.method}: trial {job.selection['trial_id']} ({hyper}; val accuracy {val['accuracy']:.2f}, "
                 f"DEO_A {val['deo_a']:.2f}, DEO_M {val['deo_m']:.2f})")
     if not plan.runs_todo:
@@ -322,7 +322,7 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
         args = (data_dir, settings.device, settings.cpus_per_trial)
         jobs = {job.method: job for job in plan.jobs}
         scratch = jobs.get("scratch")
-        base = replace(plan.jobs[0].config, method="scratch", T=None, lam=None, distill_lam=None)
+        base = replace(plan.jobs[0].config, method="scratch", hyperparameters={})
         info = dataset_info(plan.data)
 
         retrain = settings.force and scratch is not None

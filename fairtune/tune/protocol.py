@@ -81,7 +81,7 @@ def search_settings(settings: ProtocolSettings, method: str) -> SearchSettings:
     searched = get_method(method).searched
     if searched:
         hyper.pop(searched)
-    base = replace(template.base, method=method, **{**dict.fromkeys(("T", "lam", "distill_lam")), **hyper})
+    base = replace(template.base, method=method, hyperparameters=hyper)
     draft = replace(template, base=base)
     return replace(draft, resume=(draft.experiment_dir / LEDGER_FILE).exists())
 
@@ -199,11 +199,11 @@ class Protocol:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from fairtune.tune.cluster import TUNE_ENV
+        from fairtune.tune.cluster import job_env
 
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         # Tune reads its environment at import: a raylet started by `ray start` has not got it.
-        job = dict(num_cpus=0, scheduling_strategy=here, runtime_env={"env_vars": dict(TUNE_ENV)}, max_retries=0)
+        job = dict(num_cpus=0, scheduling_strategy=here, runtime_env={"env_vars": job_env()}, max_retries=0)
         teacher_job = ray.remote(**job)(_teacher_job)
         search_job = ray.remote(**job)(_search_job)
         final_job = ray.remote(**job)(_final_job)

@@ -115,7 +115,7 @@ def _shared_hint_stage(settings: SearchSettings, space: SearchSpace, teacher_sta
     if target.exists():
         return
     say(f"hint stage: training FitNet's stage 1 ({settings.base.hint_epochs} epochs) once, for every trial to continue from")
-    config = replace(settings.base, **{space.parameter: space.start(settings.data.dataset)})
+    config = settings.base.with_hyperparameters({space.parameter: space.start(settings.data.dataset)})
     task = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)(hint_stage_task)
     state = ray.get(task.remote(
         config, settings.data, str(Path(settings.data_dir).resolve()), settings.device, settings.cpus_per_trial,
@@ -393,7 +393,7 @@ def _failure_reason(experiment_dir: Path, trial_id: str, error_file: str | Path 
 def search_identity(settings: SearchSettings, space: SearchSpace, grace: int) -> dict:
     """What defines a search's results; a resume must match it (execution flags may change)."""
     return {
-        "train": asdict(settings.base),
+        "train": settings.base.record(),
         "data": asdict(settings.data),
         "num_samples": settings.num_samples if space.parameter else 1,
         "grace_period": grace,
@@ -581,7 +581,7 @@ def best_record(trials: pd.DataFrame, settings: SearchSettings, space: SearchSpa
             "check the errors there, e.g. lower the λ range or --lr"
         )
     row = select_trial(trials, BEST, goal.text)
-    hyper = {p: v for p, v in settings.base.hyperparameters().items()}
+    hyper = dict(settings.base.hyperparameters)
     if space.parameter:
         hyper[space.parameter] = float(row[space.parameter])
     return {
@@ -617,6 +617,6 @@ def best_record(trials: pd.DataFrame, settings: SearchSettings, space: SearchSpa
             "epochs": settings.base.epochs,
             "num_samples": settings.num_samples,
             "data": asdict(settings.data),
-            "train": asdict(settings.base),
+            "train": settings.base.record(),
         },
     }

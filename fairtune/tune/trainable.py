@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -110,7 +110,7 @@ def _start_after_hint_stage(spec: TrialSpec, trainer: Trainer, sampled: dict) ->
     """Continue from the search's shared hint stage (identical for every T, see tasks.hint_stage_task):
     the state equals the one this trial would reach itself, but for the sampled values it records."""
     state = io.load_torch(hint_stage_file(spec.experiment_dir))
-    mine = asdict(trainer.config)
+    mine = trainer.config.record()
     differing = [k for k, v in state["config"].items() if k not in sampled and mine.get(k) != v]
     if differing:
         raise ValueError(f"the shared hint stage was trained with other settings ({', '.join(differing)})")
@@ -127,7 +127,7 @@ def run_trial(config: dict, spec: TrialSpec, teacher_state: dict | None = None) 
 
     data = load_dataset(spec.data, spec.data_dir)
     teacher = teacher_model(teacher_state, data.info) if teacher_state is not None else None
-    trainer = Trainer(replace(spec.base, **config), data, teacher, task_device(spec.device))
+    trainer = Trainer(spec.base.with_hyperparameters(config), data, teacher, task_device(spec.device))
     if not _load_newest_state(spec, trial_id, trainer) and trainer.hint_epochs and hint_stage_file(spec.experiment_dir).exists():
         _start_after_hint_stage(spec, trainer, config)
     node = node_identity()
