@@ -151,6 +151,9 @@ def run_record(config: TrainConfig, data: DatasetSplits, result: RunResult, devi
         "hyperparameters": config.hyperparameters(),
         "config": asdict(config),
         "data": data.options.fingerprint(),
+        # Names of test.acc_matrix's columns and rows: an image folder's classes are the user's own.
+        "classes": list(data.info.class_names),
+        "groups": list(data.info.group_names),
         "device": str(device),
         "epochs_run": len(result.history),
         "seconds_per_epoch": result.seconds_per_epoch,

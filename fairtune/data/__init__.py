@@ -14,7 +14,7 @@ import argparse
 import os
 from pathlib import Path
 
-from fairtune.data import celeba, cifar10s, fmnist, utkface
+from fairtune.data import celeba, cifar10s, fmnist, imagefolder, utkface
 from fairtune.data.base import (
     OPTION_FIELDS,
     DataOptions,
@@ -33,6 +33,7 @@ DATASETS: dict[str, DatasetSource] = {
     "utkface": utkface,
     "celeba": celeba,
     "fmnist-s": fmnist,
+    "imagefolder": imagefolder,
 }
 
 # Subsamples of val/test are the same for every run seed, so seeds are compared on one test set.

@@ -18,6 +18,9 @@ from fairtune.data.base import DatasetInfo, ImageView, Split
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 UTKFACE_RESIZE = 256  # resize 256x256, then random crop (SPEC §6)
+# "crop_flip" is UTKFace's recipe at any model side: show the image at 256/176 of the side the model
+# sees and crop a random window of that side, so the crop keeps the same share of the image.
+CROP_MARGIN = UTKFACE_RESIZE / 176
 # torchvision's RandomResizedCrop defaults (SPEC §6, celeba): area fraction, aspect ratio w/h, and
 # how many boxes it draws before falling back to a centre crop.
 CROP_SCALE = (0.08, 1.0)
@@ -67,7 +70,7 @@ class BatchSource:
         """Every random number the epoch's augmentation needs, (num_batches, batch_size, ...) on the device."""
         shape = (num_batches, batch_size)
         params = {"flip": torch.rand(shape, generator=generator) < 0.5}
-        if self.info.augment == "resize_crop_flip":
+        if self.info.augment in ("resize_crop_flip", "crop_flip"):
             params["crop"] = torch.rand(*shape, 2, generator=generator)
         elif self.info.augment == "random_resized_crop_flip":
             # Every attempt torchvision may make, drawn up front; the first box that fits is used.
@@ -82,6 +85,11 @@ class BatchSource:
         size = self.info.image_size
         if self.info.augment == "resize_crop_flip":
             x = F.interpolate(x, size=(UTKFACE_RESIZE, UTKFACE_RESIZE), mode="bilinear", antialias=True, align_corners=False)
+            x = _crop(x, params["crop"][: len(x)], size)
+        elif self.info.augment == "crop_flip":
+            side = crop_flip_side(size)
+            if x.shape[-2:] != (side, side):  # a dataset can store its images at this side and skip the resize
+                x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
             x = _crop(x, params["crop"][: len(x)], size)
         elif self.info.augment == "random_resized_crop_flip":
             x = _random_resized_crop(x, params, size)
@@ -105,6 +113,11 @@ class BatchSource:
         """Sequential (index) chunks covering the split once."""
         for start in range(0, len(self), batch_size):
             yield torch.arange(start, min(start + batch_size, len(self)))
+
+
+def crop_flip_side(image_size: int) -> int:
+    """The side "crop_flip" resizes to before cropping ``image_size`` (256 for UTKFace's 176)."""
+    return round(image_size * CROP_MARGIN)
 
 
 def _take_rows(images: "np.ndarray | ImageView", rows: np.ndarray, out: np.ndarray) -> None:
