@@ -41,7 +41,6 @@ def _checked(convert, ok, rule: str):
 _positive_int = _checked(int, lambda v: v > 0, "a positive integer")
 _non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _reduction = _checked(int, lambda v: v >= 2, "an integer >= 2")
-_fraction = _checked(float, lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1")
 _positive_float = _checked(float, lambda v: 0.0 < v < float("inf"), "a positive finite number")
 _non_negative_float = _checked(float, lambda v: 0.0 <= v < float("inf"), "a finite number >= 0")
 _gpus = _checked(lambda t: t if t == "auto" else float(t), lambda v: v == "auto" or 0.0 <= v < float("inf"), "auto or a finite number >= 0")
@@ -95,7 +94,7 @@ def _plugin_specs(argv: list[str]) -> list[str]:
 
 
 def _add_common(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
-    from fairtune.data import DATASETS
+    from fairtune.data import DATASETS, add_dataset_options
     from fairtune.metrics import OBJECTIVE_HELP
 
     p.add_argument(
@@ -106,10 +105,9 @@ def _add_common(p: argparse.ArgumentParser, dataset_required: bool = True) -> No
     p.add_argument("--epochs", "--max-epochs", dest="epochs", type=_positive_int, default=50, help="training epochs E (FitNet runs 1.5 E)")
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--lr", type=_positive_float, default=1e-3)
-    p.add_argument("--skew", type=_fraction, default=None, help="cifar10s/fmnist-s gray fraction (default 0.8 / 0.95)")
     p.add_argument("--train-size", type=_positive_int, default=None, help="stratified subsample of train, for quick runs")
     p.add_argument("--eval-size", type=_positive_int, default=None, help="stratified subsample of val and test")
-    p.add_argument("--target", default=None, help="celeba target attribute (default Attractive)")
+    add_dataset_options(p)  # --skew, --target, ...: each dataset's OPTIONS
     p.add_argument("--select-on", choices=["val", "test"], default="val", help="split for model selection (test = the official procedure)")
     p.add_argument(
         "--objective", type=_objective, default="acc-deo_a", metavar="OBJ",
@@ -145,7 +143,8 @@ def _add_search(p: argparse.ArgumentParser) -> None:
 
 # Flags of `final` that default to what the searches used (best.json) instead of fixed values.
 TRAIN_PROTOCOL_FLAGS = ("epochs", "batch_size", "lr", "adv_lr", "objective", "compile")
-DATA_PROTOCOL_FLAGS = ("skew", "train_size", "eval_size", "target", "select_on")
+# The dataset options (--skew, --target, ...) join them through given_options.
+DATA_PROTOCOL_FLAGS = ("train_size", "eval_size", "select_on")
 
 
 def build_parser() -> Parser:
@@ -243,12 +242,17 @@ def cmd_list(args: argparse.Namespace) -> int:
         paper = f"; paper: {start}" if start else ""
         print(f"  {name:<11} {method.label:<10} {searched}{extra} ({teacher}, {method.sampler} sampler{paper})")
     print(f"\nDatasets (data dir: {data_dir}):")
+    width = max(map(len, DATASETS))
     for name, module in DATASETS.items():
-        info = dataset_info(DataOptions(name))
         found = module.locate(data_dir)
         status = f"found at {found}" if found else f"MISSING — {module.EXPECTED}"
-        shape = f"{info.num_classes} classes x {info.num_groups} groups, {info.model} @ {info.image_size}px"
-        print(f"  {name:<9} {shape}\n            {status}")
+        try:
+            info = dataset_info(DataOptions(name), data_dir)
+            shape = f"{info.num_classes} classes x {info.num_groups} groups, {info.model} @ {info.image_size}px"
+        except UserError as exc:  # a dataset whose classes come from its files, not found or unreadable here
+            shape = "classes, groups and model read from its files"
+            status += f"; unreadable: {exc}" if found else ""
+        print(f"  {name:<{width}} {shape}\n   {'':<{width}}{status}")
     return 0
 
 
@@ -296,11 +300,11 @@ def _check_results_dir(args: argparse.Namespace, dataset: str) -> None:
 
 
 def _data_options(args: argparse.Namespace, seed: int):
-    from fairtune.data import DataOptions
+    from fairtune.data import DataOptions, given_options
 
     return DataOptions(
-        dataset=args.dataset, seed=seed, skew=args.skew, train_size=args.train_size,
-        eval_size=args.eval_size, target=args.target, select_on=args.select_on,
+        dataset=args.dataset, seed=seed, train_size=args.train_size,
+        eval_size=args.eval_size, select_on=args.select_on, **given_options(args),
     )
 
 
@@ -342,11 +346,15 @@ def _print_epoch(total_epochs: int, label: str = ""):
     return show
 
 
-def _print_test(test: dict) -> None:
+def _print_test(test: dict, info) -> None:
+    """Test metrics and the per-(group, class) accuracy, rows and columns named by the dataset."""
     print(f"test: accuracy {test['accuracy']:.2f}  DEO_A {test['deo_a']:.2f}  DEO_M {test['deo_m']:.2f}")
-    for g, row in enumerate(test["acc_matrix"]):
-        cells = " ".join("   -  " if v is None else f"{v:6.2f}" for v in row)
-        print(f"  acc[g={g}] {cells}")
+    width = max(6, *(len(name) for name in info.class_names))
+    label = max(len(name) for name in info.group_names) + 7
+    print(" " * (label + 1) + " ".join(f"{name:>{width}}" for name in info.class_names))
+    for name, row in zip(info.group_names, test["acc_matrix"]):
+        cells = " ".join(f"{'-':>{width}}" if v is None else f"{v:{width}.2f}" for v in row)
+        print(f"  {f'acc[{name}]':<{label - 2}} {cells}")
     if test["empty_cells"]:
         print(f"  empty (group, class) cells left out of DEO: {test['empty_cells']}")
 
@@ -389,7 +397,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     result = run_method(config, data, teacher, device, _print_epoch(config.total_epochs))
     write_run(out, config, data, result, device)
-    _print_test(result.test)
+    _print_test(result.test, data.info)
     print(f"{result.seconds_per_epoch:.1f} s/epoch; wrote {out}")
     return 0
 
@@ -414,7 +422,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         print(f"seed {seed}: training teacher on {args.dataset} ({len(data.train)} train samples, device {device})", flush=True)
         ensure_teacher(data, args.results_dir, base, device, force=True, on_epoch=_print_epoch(args.epochs, f"seed {seed} "))
         test = json.loads(record.metrics.read_text())["test"]
-        _print_test(test)
+        _print_test(test, data.info)
         print(f"seed {seed}: wrote {record.weights}")
     return 0
 
@@ -523,8 +531,9 @@ AUTO_GPU_SHARE = {"cnn": 0.125}
 AUTO_GPU_SHARE_OTHER = 0.5
 
 
-def _gpus_per_trial(args: argparse.Namespace, dataset: str | None = None) -> float:
-    """The flag's number; else, on a cluster with GPUs, one GPU per run (``auto``: a packed share)."""
+def _gpus_per_trial(args: argparse.Namespace, dataset: str | None = None, options=None) -> float:
+    """The flag's number; else, on a cluster with GPUs, one GPU per run (``auto``: a packed share for
+    the model of ``options``, by default the data flags')."""
     if args.gpus_per_trial not in (None, "auto"):
         return args.gpus_per_trial
     from fairtune.tune.cluster import connect
@@ -533,9 +542,10 @@ def _gpus_per_trial(args: argparse.Namespace, dataset: str | None = None) -> flo
         return 0.0
     if args.gpus_per_trial is None:
         return 1.0
-    from fairtune.data import DataOptions, dataset_info
+    from fairtune.data import DataOptions, dataset_info, given_options
 
-    return AUTO_GPU_SHARE.get(dataset_info(DataOptions(dataset or args.dataset)).model, AUTO_GPU_SHARE_OTHER)
+    options = options or DataOptions(dataset or args.dataset, **given_options(args))
+    return AUTO_GPU_SHARE.get(dataset_info(options, args.data_dir).model, AUTO_GPU_SHARE_OTHER)
 
 
 def _final_datasets(args: argparse.Namespace) -> list[str]:
@@ -567,7 +577,7 @@ def cmd_final(args: argparse.Namespace) -> int:
         settings = _final_settings(args, dataset, args.method or (), rule)
         plan = plan_final(settings)  # every config checked before a cluster is touched
         if plan.runs_todo:
-            settings = replace(settings, gpus_per_trial=_gpus_per_trial(args, dataset))
+            settings = replace(settings, gpus_per_trial=_gpus_per_trial(args, dataset, options=plan.data))
         failures = run_final(settings, plan, lambda line: print(line, flush=True))
         failed += [f"{dataset}: {line}" for line in failures]
         _print_report(args.results_dir, dataset, [rule])
@@ -576,7 +586,7 @@ def cmd_final(args: argparse.Namespace) -> int:
 
 def _final_settings(args: argparse.Namespace, dataset: str, methods, rule=None):
     """``final``'s settings from the flags (``rule``: the selection rule, default best)."""
-    from fairtune.data import default_data_dir
+    from fairtune.data import default_data_dir, given_options
     from fairtune.selection import BEST
     from fairtune.tune.final import FinalSettings
 
@@ -584,7 +594,7 @@ def _final_settings(args: argparse.Namespace, dataset: str, methods, rule=None):
         dataset=dataset, results_dir=args.results_dir, data_dir=args.data_dir or default_data_dir(),
         methods=tuple(methods), seeds=tuple(dict.fromkeys(args.seeds)),
         train_overrides={k: getattr(args, k) for k in TRAIN_PROTOCOL_FLAGS if getattr(args, k, None) is not None},
-        data_overrides={k: getattr(args, k) for k in DATA_PROTOCOL_FLAGS if getattr(args, k, None) is not None},
+        data_overrides={**{k: getattr(args, k) for k in DATA_PROTOCOL_FLAGS if getattr(args, k, None) is not None}, **given_options(args)},
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0, address=args.address, device=args.device,
         force=getattr(args, "force", False), rule=rule or BEST,
     )

@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torchvision import models as tv
 
 
 class ModelOutput(NamedTuple):
@@ -51,6 +50,8 @@ class ResNet18(nn.Module):
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
+        from torchvision import models as tv  # here, not at the top: fairtune.data lists MODELS on every CLI start
+
         self.net = tv.resnet18(weights=None, num_classes=num_classes)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
@@ -66,6 +67,8 @@ class ShuffleNetV2(nn.Module):
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
+        from torchvision import models as tv
+
         self.net = tv.shufflenet_v2_x1_0(weights=None, num_classes=num_classes)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fairtune.data.base import DatasetInfo, ImageView, Split
-from fairtune.data.loader import IMAGENET_MEAN, IMAGENET_STD, BatchSource
+from fairtune.data.loader import IMAGENET_MEAN, IMAGENET_STD, BatchSource, crop_flip_side
 
 
 def info(augment: str, size: int, normalize: bool) -> DatasetInfo:
@@ -52,6 +52,24 @@ def test_utkface_crop_is_a_window_of_the_resized_image():
         left = int(params["crop"][i, 1] * 81)
         window = (resized[i : i + 1, :, top : top + 176, left : left + 176] - mean) / std
         assert torch.allclose(x[i : i + 1], window, atol=1e-5)
+
+
+def test_crop_flip_is_utkfaces_resize_and_crop_at_any_size(tmp_path):
+    import torch.nn.functional as F
+
+    assert crop_flip_side(176) == 256  # UTKFace's own proportion
+    side = crop_flip_side(40)  # 58
+    source = BatchSource(split(5, 40, as_memmap=True, tmp_path=tmp_path), info("crop_flip", 40, False), torch.device("cpu"))
+    params = {k: v[0] for k, v in source.draw_augmentation(1, 5, torch.Generator().manual_seed(4)).items()}
+    images, _, _ = source.gather(torch.arange(5))
+    x = source.train_batch(images, params)
+    assert x.shape == (5, 3, 40, 40)
+    resized = F.interpolate(images.float() / 255, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    for i in range(5):
+        top, left = int(params["crop"][i, 0] * (side - 40 + 1)), int(params["crop"][i, 1] * (side - 40 + 1))
+        window = resized[i, :, top : top + 40, left : left + 40]
+        assert torch.allclose(x[i], window.flip(2) if params["flip"][i] else window, atol=1e-6)
+    assert torch.equal(source.eval_batch(images), images.float() / 255)  # stored at the model's side: no resize
 
 
 def test_random_resized_crop_shapes_and_whole_image_case(tmp_path):

@@ -7,16 +7,53 @@ decode-once cache, so that only the batches in flight are ever in memory.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 
-Augment = Literal["flip", "resize_crop_flip", "random_resized_crop_flip"]
+Augment = Literal["flip", "resize_crop_flip", "random_resized_crop_flip", "crop_flip"]
+
+# Dataset options that predate ``DataOptions.extra`` and stay fields: records and teacher identities
+# written before it hold them under these names.
+OPTION_FIELDS = ("skew", "target")
+
+
+@dataclass(frozen=True)
+class DatasetOption:
+    """A setting only some datasets take, declared in the dataset's ``OPTIONS``; the CLI makes a flag of it.
+
+    ``type`` is the argparse type (it converts and range-checks the text), ``default`` what the
+    dataset uses when the flag is not given (shown in the help; None where it depends on the data).
+    """
+
+    name: str  # key in DataOptions.extra (or one of OPTION_FIELDS)
+    flag: str
+    type: Callable[[str], object]
+    help: str
+    default: object = None
+    choices: tuple | None = None
+
+
+def checked(convert: Callable[[str], object], ok: Callable[[object], bool], rule: str) -> Callable[[str], object]:
+    """An argparse type that converts and range-checks, with the rule in its error message."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    return parse
 
 
 @dataclass(frozen=True)
@@ -30,10 +67,35 @@ class DataOptions:
     eval_size: int | None = None  # stratified subsample of val and of test
     target: str | None = None  # celeba attribute; None = Attractive
     select_on: Literal["val", "test"] = "val"
+    # Values of the other dataset options (DatasetOption.name -> value) given for this run. A mapping
+    # is accepted; it is kept as pairs sorted by name, so equal settings compare (and hash) equal.
+    extra: tuple[tuple[str, object], ...] = ()
+
+    def __post_init__(self) -> None:
+        pairs = self.extra.items() if isinstance(self.extra, Mapping) else self.extra
+        object.__setattr__(self, "extra", tuple(sorted(dict(pairs).items())))
+
+    def option(self, name: str, default: object = None) -> object:
+        """The value given for dataset option ``name``, else ``default``."""
+        value = getattr(self, name) if name in OPTION_FIELDS else dict(self.extra).get(name)
+        return default if value is None else value
+
+    def given_options(self) -> dict[str, object]:
+        """Every dataset option given a value (skew and target included), by name."""
+        fields = {name: getattr(self, name) for name in OPTION_FIELDS if getattr(self, name) is not None}
+        return {**fields, **dict(self.extra)}
 
     def fingerprint(self) -> dict:
-        """The settings a trained model depends on; a teacher with another fingerprint is refused."""
-        return asdict(self)
+        """The settings a trained model depends on; a teacher with another fingerprint is refused.
+
+        Without dataset options this is the dict records have always held (no "extra" key), so
+        teachers and results written before ``extra`` existed still match.
+        """
+        settings = asdict(self)
+        extra = settings.pop("extra")
+        if extra:
+            settings["extra"] = dict(extra)
+        return settings
 
 
 class ImageView:
@@ -108,6 +170,32 @@ class DatasetInfo:
     @property
     def num_groups(self) -> int:
         return len(self.group_names)
+
+
+class DatasetSource(Protocol):
+    """What ``fairtune.data.DATASETS`` holds for each dataset: a module (the built-ins) or any object.
+
+    ``OPTIONS`` lists the settings only this dataset takes (an object without it takes none); the
+    registry refuses a value given for an option the dataset does not declare, so a module reads its
+    own with ``options.option(name, default)`` and never sees a stray one.
+    """
+
+    EXPECTED: str  # the on-disk layout in one line, for errors and `fairtune list`
+    OPTIONS: tuple[DatasetOption, ...]
+
+    def info(self, options: DataOptions, data_dir: Path | None = None) -> DatasetInfo:
+        """Classes, groups, model and input pipeline. Built-ins ignore ``data_dir``; a dataset whose
+        classes are read from its files (imagefolder) raises ``UserError`` where they cannot be read."""
+        ...
+
+    def locate(self, data_dir: Path) -> Path | None:
+        """Where under ``data_dir`` the dataset's files are, or None when they are not there."""
+        ...
+
+    def load(self, data_dir: Path, options: DataOptions) -> DatasetSplits:
+        """The full train, val and test splits (subsampling is the registry's); ``UserError`` with the
+        fix on missing or malformed files."""
+        ...
 
 
 @dataclass

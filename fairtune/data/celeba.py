@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fairtune.data.base import DataOptions, DatasetInfo, DatasetSplits, ImageView, Split
+from fairtune.data.base import DataOptions, DatasetInfo, DatasetOption, DatasetSplits, ImageView, Split
 from fairtune.data.facecache import cache_path, decode_cache
 from fairtune.errors import UserError
 
@@ -32,6 +32,7 @@ EXPECTED = (
     "images and annotation files of the CelebA site, or torchvision.datasets.CelebA(<data dir>, download=True))"
 )
 DEFAULT_TARGET = "Attractive"
+OPTIONS = (DatasetOption("target", "--target", str, "celeba target attribute, a column of list_attr_celeba.txt", default=DEFAULT_TARGET),)
 SENSITIVE = "Male"
 GROUP_NAMES = ("female", "male")  # Male = -1 / 1
 HEIGHT, WIDTH = 218, 178  # native size of the aligned & cropped images
@@ -42,7 +43,7 @@ def target_name(options: DataOptions) -> str:
     return options.target or DEFAULT_TARGET
 
 
-def info(options: DataOptions) -> DatasetInfo:
+def info(options: DataOptions, data_dir: Path | None = None) -> DatasetInfo:
     target = target_name(options)
     return DatasetInfo(
         name="celeba",

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 
 from fairtune.data.base import DataOptions, DatasetInfo, DatasetSplits
-from fairtune.data.skewed import build_skewed_splits, gray_from_rgb
+from fairtune.data.skewed import build_skewed_splits, gray_from_rgb, skew_option
 from fairtune.errors import UserError
 
 NAME = "cifar10s"
 DEFAULT_SKEW = 0.8  # the official code's value
+OPTIONS = (skew_option(DEFAULT_SKEW),)
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -96,7 +97,7 @@ def _read_class_names(path: Path) -> tuple[str, ...]:
     return tuple(n.decode() for n in names)
 
 
-def info(options: DataOptions, class_names: tuple[str, ...] = CLASS_NAMES) -> DatasetInfo:
+def info(options: DataOptions, data_dir: Path | None = None, class_names: tuple[str, ...] = CLASS_NAMES) -> DatasetInfo:
     return DatasetInfo(
         name=NAME,
         class_names=class_names,
@@ -139,7 +140,7 @@ def load(data_dir: Path, options: DataOptions, *, val_per_class: int | None = No
         val_per_class=val_per_class,
     )
     return DatasetSplits(
-        info=info(options, class_names),
+        info=info(options, data_dir, class_names),
         options=options,
         train=train_split,
         val=val_split,

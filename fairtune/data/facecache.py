@@ -26,6 +26,14 @@ from fairtune.errors import UserError
 CACHE_DIR = ".fairtune-cache"
 
 
+class UndecodableImage(UserError):
+    """An image PIL cannot decode; ``path`` and ``reason`` let a caller say where the file was listed."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot decode image {path} ({reason}); replace it with the file from the original archive")
+        self.path, self.reason = path, reason
+
+
 def cache_path(data_dir: Path, name: str) -> Path:
     """Where a dataset keeps its decoded images: ``<data_dir>/.fairtune-cache/<name>``."""
     return Path(data_dir) / CACHE_DIR / name
@@ -37,19 +45,23 @@ def decode_cache(
     width: int,
     cache_file: Path,
     progress: Callable[[int, int], None] | None = None,
+    names: list[str] | None = None,
 ) -> np.ndarray:
     """The images of ``paths`` as a read-only uint8 (N, 3, height, width) memmap, in that order.
 
     Built on first use (and whenever the sources, their order or the size change): each file is
     decoded with PIL, converted to RGB and resized (bilinear) when not already ``width``×``height``.
     ``progress(done, total)`` is called while building. An empty ``paths`` gives an empty in-memory
-    array (a zero-byte file cannot be memory-mapped). An undecodable file raises ``UserError``.
+    array (a zero-byte file cannot be memory-mapped). An undecodable file raises ``UndecodableImage``.
+    ``names`` (default: the file names) identify the rows in the sidecar; pass paths relative to the
+    data when files in different folders may share a name, so that reordering them is noticed.
     """
     cache_file = Path(cache_file)
     shape = (len(paths), 3, height, width)
     if not paths:
         return np.empty(shape, dtype=np.uint8)
-    meta = {"shape": list(shape), "fingerprint": file_fingerprint(paths), "names": [p.name for p in paths]}
+    names = [p.name for p in paths] if names is None else list(names)
+    meta = {"shape": list(shape), "fingerprint": file_fingerprint(paths), "names": names}
     sidecar = _sidecar(cache_file)
     if _read_meta(sidecar) != meta or not _has_size(cache_file, int(np.prod(shape))):
         _build(paths, shape, cache_file, meta, progress)
@@ -62,9 +74,7 @@ def decode_image(path: Path, height: int, width: int) -> np.ndarray:
         with Image.open(path) as image:
             rgb = image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as exc:  # PIL reports bad data with all three
-        raise UserError(
-            f"cannot decode image {path} ({exc}); replace it with the file from the original archive"
-        ) from None
+        raise UndecodableImage(path, str(exc)) from None
     if rgb.size != (width, height):
         rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)

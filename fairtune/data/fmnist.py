@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from fairtune.data.base import DataOptions, DatasetInfo, DatasetSplits
-from fairtune.data.skewed import build_skewed_splits
+from fairtune.data.skewed import build_skewed_splits, skew_option
 from fairtune.errors import UserError
 
 NAME = "fmnist-s"
 DEFAULT_SKEW = 0.95
+OPTIONS = (skew_option(DEFAULT_SKEW),)
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 SOURCE_SIDE, SIDE = 28, 32
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
@@ -49,7 +50,7 @@ EXPECTED = (
 )
 
 
-def info(options: DataOptions) -> DatasetInfo:
+def info(options: DataOptions, data_dir: Path | None = None) -> DatasetInfo:
     return DatasetInfo(
         name=NAME,
         class_names=CLASS_NAMES,

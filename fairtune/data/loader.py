@@ -21,6 +21,9 @@ from fairtune.errors import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 UTKFACE_RESIZE = 256  # resize 256x256, then random crop (docs/protocol.md §6)
+# "crop_flip" is UTKFace's recipe at any model side: show the image at 256/176 of the side the model
+# sees and crop a random window of that side, so the crop keeps the same share of the image.
+CROP_MARGIN = UTKFACE_RESIZE / 176
 # torchvision's RandomResizedCrop defaults (docs/protocol.md §6, celeba): area fraction, aspect ratio w/h, and
 # how many boxes it draws before falling back to a centre crop.
 CROP_SCALE = (0.08, 1.0)
@@ -94,6 +97,11 @@ class BatchSource:
             yield torch.arange(start, min(start + batch_size, len(self)))
 
 
+def crop_flip_side(image_size: int) -> int:
+    """The side "crop_flip" resizes to before cropping ``image_size`` (256 for UTKFace's 176)."""
+    return round(image_size * CROP_MARGIN)
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """A training augmentation: ``draw(shape, generator)`` draws every random number of an epoch up
@@ -122,6 +130,14 @@ def _resize_crop_flip(source: "BatchSource", x: torch.Tensor, params) -> torch.T
     return _flip(_crop(x, params["crop"][: len(x)], source.info.image_size), params)
 
 
+def _crop_flip(source: "BatchSource", x: torch.Tensor, params) -> torch.Tensor:
+    size = source.info.image_size
+    side = crop_flip_side(size)
+    if x.shape[-2:] != (side, side):  # a dataset can store its images at this side and skip the resize
+        x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return _flip(_crop(x, params["crop"][: len(x)], size), params)
+
+
 def _draw_random_resized_crop_flip(shape, generator):
     # Every attempt torchvision may make, drawn up front; the first box that fits is used.
     return {
@@ -135,6 +151,7 @@ def _draw_random_resized_crop_flip(shape, generator):
 AUGMENTATIONS: dict[str, Augmentation] = {
     "flip": Augmentation(_draw_flip, lambda source, x, params: _flip(x, params)),
     "resize_crop_flip": Augmentation(_draw_resize_crop_flip, _resize_crop_flip),
+    "crop_flip": Augmentation(_draw_resize_crop_flip, _crop_flip),
     "random_resized_crop_flip": Augmentation(
         _draw_random_resized_crop_flip, lambda source, x, params: _flip(_random_resized_crop(x, params, source.info.image_size), params)
     ),

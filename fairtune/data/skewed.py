@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from fairtune.data.base import Split
+from fairtune.data.base import DatasetOption, Split, checked
 from fairtune.errors import UserError
 
 VAL_PER_CLASS = 500
@@ -38,6 +38,14 @@ GRAY, COLOR = 0, 1
 # ITU-R 601-2 luma in PIL's fixed point (libImaging/Convert.c, L24): weights sum to 65536.
 LUMA_WEIGHTS = (19595, 38470, 7471)
 _LUMA_CHUNK = 8192  # images per int32 pass: bounds the temporary to ~130 MB at 32 px
+
+def skew_option(default: float) -> DatasetOption:
+    """``--skew``, as both skewed datasets declare it (with their own default)."""
+    return DatasetOption(
+        "skew", "--skew", checked(float, lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1"),
+        "gray fraction of the gray-majority classes' training images", default=default,
+    )
+
 
 GrayRenderer = Callable[[torch.Tensor], torch.Tensor]
 ColorRenderer = Callable[[torch.Tensor, torch.Generator], torch.Tensor]

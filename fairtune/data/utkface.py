@@ -35,12 +35,13 @@ OTHERS_RACE = 4
 PER_CELL = 100  # samples per (group, class) cell in test, and again in val
 SPLIT_SEED = 1  # the official code's random.seed(1)
 SIDE = 200  # native size of the aligned & cropped faces
+OPTIONS = ()  # no settings of its own
 
 _DIGITS = re.compile(r"([0-9]+)")
 _UNSIGNED_INT = re.compile(r"[0-9]+")
 
 
-def info(options: DataOptions) -> DatasetInfo:
+def info(options: DataOptions, data_dir: Path | None = None) -> DatasetInfo:
     return DatasetInfo(
         name="utkface",
         class_names=CLASS_NAMES,

@@ -171,17 +171,27 @@ def _protocol(settings: FinalSettings, bests: dict[str, dict]) -> tuple[dict, di
     for names, part, overrides in ((train_names, "train", settings.train_overrides), (data_names, "data", settings.data_overrides)):
         values = {}
         for name in names:
-            if name in overrides:
+            if name == "extra":  # dataset options, one by one: a flag replaces its own option only
+                given = overrides.get("extra", {})
+                recorded = {m: b["settings"][part] for m, b in bests.items() if part in b.get("settings", {})}
+                # A record without "extra" had no dataset options (the fingerprint leaves it out then).
+                seen = {m: {k: v for k, v in data.get("extra", {}).items() if k not in given} for m, data in recorded.items()}
+                flag = "the dataset option flags"
+            elif name in overrides:
                 values[name] = overrides[name]
                 continue
-            seen = {m: b["settings"][part][name] for m, b in bests.items() if name in b.get("settings", {}).get(part, {})}
-            if len(set(map(json.dumps, seen.values()))) > 1:
+            else:
+                seen = {m: b["settings"][part][name] for m, b in bests.items() if name in b.get("settings", {}).get(part, {})}
+                flag = f"--{name.replace('_', '-')}"
+            if len(set(json.dumps(v, sort_keys=True) for v in seen.values())) > 1:
                 shown = ", ".join(f"{m}: {v}" for m, v in seen.items())
                 raise UserError(
-                    f"the searches of {settings.dataset} used different {name} ({shown}); rerun them alike, or pass "
-                    f"--{name.replace('_', '-')} to fix it for every final run"
+                    f"the searches of {settings.dataset} used different {'dataset options' if name == 'extra' else name} ({shown}); rerun them alike, or pass "
+                    f"{flag} to fix it for every final run"
                 )
-            if seen:
+            if name == "extra":
+                values[name] = {**next(iter(seen.values()), {}), **given}
+            elif seen:
                 values[name] = next(iter(seen.values()))
         resolved.append(values)
     return resolved[0], resolved[1]
@@ -317,13 +327,13 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
     run_task = ray.remote(**resources)(method_run_task)
     data_dir = str(Path(settings.data_dir).resolve())
     progress = Queue(actor_options={"num_cpus": 0})  # epochs finished by the tasks, for the progress lines
-    board = FinalBoard(settings.results_dir, settings.dataset, dataset_info(plan.data).group_names, settings.rule)  # TensorBoard runs
+    board = FinalBoard(settings.results_dir, settings.dataset, dataset_info(plan.data, settings.data_dir).group_names, settings.rule)  # TensorBoard runs
     try:
         args = (data_dir, settings.device, settings.cpus_per_trial)
         jobs = {job.method: job for job in plan.jobs}
         scratch = jobs.get("scratch")
         base = replace(plan.jobs[0].config, method="scratch", hyperparameters={})
-        info = dataset_info(plan.data)
+        info = dataset_info(plan.data, settings.data_dir)
 
         retrain = settings.force and scratch is not None
         stored: dict[int, dict] = {}  # read (and checked against this data) before anything runs

@@ -85,7 +85,7 @@ def teacher_state(settings: SearchSettings, say: Printer) -> dict | None:
     """The seed's teacher weights: from disk, or trained now as a Ray task with one trial's resources."""
     import ray
 
-    options, info = settings.data, dataset_info(settings.data)
+    options, info = settings.data, dataset_info(settings.data, settings.data_dir)
     record = teacher_paths(settings.results_dir, options.dataset, options.seed)
     if record.weights.exists():
         say(f"teacher: {record.weights}")
@@ -394,7 +394,7 @@ def search_identity(settings: SearchSettings, space: SearchSpace, grace: int) ->
     """What defines a search's results; a resume must match it (execution flags may change)."""
     return {
         "train": settings.base.record(),
-        "data": asdict(settings.data),
+        "data": settings.data.fingerprint(),  # as before dataset options existed, when none are given
         "num_samples": settings.num_samples if space.parameter else 1,
         "grace_period": grace,
         "reduction_factor": settings.reduction_factor,
@@ -616,7 +616,7 @@ def best_record(trials: pd.DataFrame, settings: SearchSettings, space: SearchSpa
         "settings": {
             "epochs": settings.base.epochs,
             "num_samples": settings.num_samples,
-            "data": asdict(settings.data),
+            "data": settings.data.fingerprint(),
             "train": settings.base.record(),
         },
     }
