@@ -20,7 +20,16 @@ from fairtune import hyperparameters
 from fairtune.errors import UserError
 from fairtune.methods import get_method
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+def _shipped_spaces() -> Path:
+    """The repository's ``search_spaces/`` (a checkout, an editable install), else the copy the
+    package ships as ``fairtune.search_spaces`` (pyproject maps the folder there)."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "search_spaces"
+    return checkout if checkout.is_dir() else package / "search_spaces"
+
+
+SPACES_DIR = _shipped_spaces()
 KEYS = {"method", "parameter", "distribution", "values", "low", "high", "paper", "default", "fixed"}
 # Plugins' spaces: method -> a dict of the YAML keys, or the path of such a YAML.
 REGISTERED_SPACES: dict[str, "dict | Path"] = {}

@@ -68,3 +68,27 @@ def test_a_folder_without_the_method_file_gives_the_shipped_space(tmp_path):
     assert load_space("hkd", tmp_path) == load_space("hkd")
     assert load_space("hkd", tmp_path).start("cifar10s") == 1
     assert load_space("ad+hkd", tmp_path) == load_space("ad+hkd")
+
+
+def test_the_wheel_ships_the_search_spaces_and_an_installed_copy_reads_them(tmp_path):
+    """search_spaces/ stays at the top of the repository; pyproject maps it into the package."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import shutil
+
+    repo, source = SPACES_DIR.parent, tmp_path / "source"  # a copy: building writes build/ beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "fairtune", "search_spaces"):
+        (shutil.copytree if (repo / name).is_dir() else shutil.copy)(repo / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path, source],
+                   check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("fairtune-*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("fairtune/search_spaces/")}
+    assert shipped == {f"fairtune/search_spaces/{p.name}" for p in SPACES_DIR.glob("*.yaml")}
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = "import fairtune.spaces as s; print(s.SPACES_DIR); print(s.load_space('mfd').paper['cifar10s'])"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}).stdout.split()
+    assert out == [str(tmp_path / "site" / "fairtune" / "search_spaces"), "3.0"]
