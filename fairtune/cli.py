@@ -95,7 +95,7 @@ def _plugin_specs(argv: list[str]) -> list[str]:
 
 def _add_common(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
     from fairtune.data import DATASETS, add_dataset_options
-    from fairtune.metrics import OBJECTIVE_HELP
+    from fairtune.metrics import DEFAULT_OBJECTIVE, OBJECTIVE_HELP
 
     p.add_argument(
         "--dataset", required=dataset_required, choices=list(DATASETS), metavar="D", help=f"one of {', '.join(DATASETS)}"
@@ -110,8 +110,8 @@ def _add_common(p: argparse.ArgumentParser, dataset_required: bool = True) -> No
     add_dataset_options(p)  # --skew, --target, ...: each dataset's OPTIONS
     p.add_argument("--select-on", choices=["val", "test"], default="val", help="split for model selection (test = the official procedure)")
     p.add_argument(
-        "--objective", type=_objective, default="acc-deo_a", metavar="OBJ",
-        help=f"what the search optimises on the selection split: {OBJECTIVE_HELP} for a multi-objective search (default acc-deo_a)",
+        "--objective", type=_objective, default=DEFAULT_OBJECTIVE, metavar="OBJ",
+        help=f"what the search optimises on the selection split: {OBJECTIVE_HELP} for a multi-objective search (default {DEFAULT_OBJECTIVE})",
     )
     p.add_argument("--search-spaces", type=Path, default=None, help="folder of <method>.yaml search spaces (default: the repo's search_spaces/)")
     p.add_argument("--device", type=_device_name, default="auto", help="auto (CUDA when present), cpu or cuda[:k]")

@@ -28,7 +28,7 @@ from fairtune.data.sampler import SAMPLERS
 from fairtune.errors import UserError
 from fairtune.methods import Method, get_method
 from fairtune.terms import Batch, TrainedTerm
-from fairtune.metrics import cell_tallies, fairness_report, objective_value
+from fairtune.metrics import DEFAULT_OBJECTIVE, cell_tallies, fairness_report, objective_value
 from fairtune.models import ModelOutput, build_model
 from fairtune.schedule import STAGE2_EPOCH, stage2_epoch
 
@@ -48,7 +48,7 @@ class TrainConfig:
     adv_lr: float = 3e-3  # the supplement's value (docs/protocol.md §3, `ad`)
     # name -> value, names from fairtune.hyperparameters; kept in the table's order
     hyperparameters: Mapping[str, float] = field(default_factory=dict)
-    objective: str = "acc-deo_a"
+    objective: str = DEFAULT_OBJECTIVE
     eval_batch_size: int = 500
     plateau_factor: float = 0.1
     plateau_patience: int = 10

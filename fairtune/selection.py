@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from fairtune.errors import UserError
-from fairtune.metrics import METRIC_DIRECTIONS, METRIC_KEYS, parse_objective
+from fairtune.metrics import DEFAULT_OBJECTIVE, METRIC_DIRECTIONS, METRIC_KEYS, parse_objective
 
 RULES = ("best", "constrained", "utopia", "knee")
 BOUNDED_METRICS = ("deo_a", "deo_m")
@@ -106,7 +106,6 @@ def final_dir(results_dir: Path, dataset: str, rule: Rule = BEST) -> Path:
 
 
 COMPLETED = "COMPLETED"  # a trial that ran every epoch (fairtune.tune.ledger.COMPLETED)
-DEFAULT_OBJECTIVE = "acc-deo_a"
 RULE_METRICS_OF_SCALAR = ("acc", "deo_a")
 
 

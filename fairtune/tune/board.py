@@ -40,7 +40,7 @@ from fairtune.data import DATASETS, DataOptions
 from fairtune.engine import TrainConfig
 from fairtune.hyperparameters import HYPERPARAMETERS
 from fairtune.methods import all_method_names, get_method
-from fairtune.metrics import objective_value
+from fairtune.metrics import DEFAULT_OBJECTIVE, objective_value
 from fairtune.selection import BEST, Rule, final_dir
 from fairtune.tune.ledger import TRIAL_KEY, Ledger
 
@@ -85,7 +85,7 @@ def _experiment_pb():
         hp.Metric("val/deo_m", display_name="DEO_M ↓", description=f"largest group accuracy gap of any class, {split}"),
         hp.Metric(
             "val/objective", display_name="objective",
-            description=f"the search's --objective on the {split}: acc-deo_a (default) and acc higher is better; deo_a, deo_m lower",
+            description=f"the search's --objective on the {split}: {DEFAULT_OBJECTIVE} (default) and acc higher is better; deo_a, deo_m lower",
         ),
         hp.Metric("test/accuracy", display_name="test accuracy ↑", description="final runs: test split after the last epoch"),
         hp.Metric("test/deo_a", display_name="test DEO_A ↓", description="final runs: test split after the last epoch"),

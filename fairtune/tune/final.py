@@ -34,7 +34,7 @@ from fairtune.engine import TrainConfig, training_protocol
 from fairtune.errors import UserError
 from fairtune.hyperparameters import HYPERPARAMETERS
 from fairtune.methods import get_method, in_paper_order
-from fairtune.metrics import parse_objective
+from fairtune.metrics import DEFAULT_OBJECTIVE, parse_objective
 from fairtune.records import ANY_RECORD, BEST_CONFIG, problem, read_record
 from fairtune.runs import best_config_path, check_batches
 from fairtune.selection import BEST, Rule, final_dir, select_trial
@@ -135,7 +135,7 @@ def _chosen_config(settings: FinalSettings, method: str, best: dict | None) -> t
         val = best.get("val") or {}
         return best["hyperparameters"], {"rule": rule.text, "trial_id": best.get("trial_id"), "val": {k: val.get(k) for k in VAL_KEYS}}
     path = best_config_path(settings.results_dir, settings.dataset, method)
-    objective = best.get("objective") or (best.get("settings") or {}).get("train", {}).get("objective") or "acc-deo_a"
+    objective = best.get("objective") or (best.get("settings") or {}).get("train", {}).get("objective") or DEFAULT_OBJECTIVE
     try:
         objective = parse_objective(str(objective)).text
     except ValueError as exc:
