@@ -186,13 +186,15 @@ def _module_name(path: Path) -> str:
     return f"fairtune_plugin_{''.join(c if c.isalnum() else '_' for c in path.stem)}_{digest}"
 
 
-def _import(spec: str) -> str:
-    """Import one plugin; returns the spec workers load. One-line UserError when it fails."""
+def _import(spec: str, given: str = "--plugin") -> str:
+    """Import one plugin (``given``: where it was named, for errors); returns the spec workers load.
+    One-line UserError when it fails."""
     looks_like_path = spec.endswith(".py") or os.sep in spec or (os.altsep and os.altsep in spec)
+    named = f"--plugin {spec}" if given == "--plugin" else f"{given} entry {spec}"
     if looks_like_path:
         path = Path(spec).expanduser().resolve()
         if not path.is_file():
-            raise UserError(f"--plugin {spec}: no such file; give the path of a .py file or an importable module name")
+            raise UserError(f"{named}: no such file; give the path of a .py file or an importable module name")
         name, where = _module_name(path), str(path)
     else:
         name, where = spec, spec
@@ -211,17 +213,22 @@ def _import(spec: str) -> str:
                 raise
         else:
             importlib.import_module(name)
-    except UserError:
-        raise
+    except UserError as exc:
+        raise _naming(exc, where) from None
     except ModuleNotFoundError as exc:
         if not looks_like_path and exc.name == spec.split(".")[0]:
-            raise UserError(f"--plugin {spec}: no file or importable module of that name; give a .py path or install the package") from None
+            raise UserError(f"{named}: no file or importable module of that name; give a .py path or install the package") from None
         raise UserError(f"plugin {where} failed to import: {_where(exc, where)}") from None
     except Exception as exc:  # the plugin's own bug: name the file and line, not a traceback
         raise UserError(f"plugin {where} failed to import: {_where(exc, where)}") from None
     finally:
         _current.pop()
     return where
+
+
+def _naming(exc: UserError, where: str) -> UserError:
+    """``exc`` with the plugin named, unless it names one already (an API call's refusal does)."""
+    return exc if str(exc).startswith("plugin ") else UserError(f"plugin {where}: {exc}")
 
 
 def _where(exc: BaseException, path: str) -> str:
@@ -236,16 +243,16 @@ def _where(exc: BaseException, path: str) -> str:
 
 
 def load(specs: Iterable[str]) -> None:
-    """Import the installed plugins and ``specs``; remember them in ``FAIRTUNE_PLUGINS`` so the
-    processes this one starts (Ray's workers, whose jobs carry the variable) import them too."""
+    """Import the installed plugins, those ``FAIRTUNE_PLUGINS`` names and ``specs``; remember them in
+    ``FAIRTUNE_PLUGINS`` so the processes this one starts (Ray's workers, whose jobs carry the
+    variable) import them too."""
     load_installed()
-    for spec in specs:
-        if spec not in _loaded:
-            _loaded[spec] = _import(spec)
     specs_now = [s for s in os.environ.get(ENV, "").split(os.pathsep) if s]
-    for where in _loaded.values():
-        if where not in specs_now:
-            specs_now.append(where)
+    for spec, given in [*((s, ENV) for s in specs_now), *((s, "--plugin") for s in specs)]:
+        if spec not in _loaded:
+            _loaded[spec] = _import(spec, given)
+    # As loaded (absolute paths): a relative one would be read against a Ray worker's own folder.
+    specs_now = list(dict.fromkeys([*(_loaded.get(s, s) for s in specs_now), *_loaded.values()]))
     if specs_now:
         os.environ[ENV] = os.pathsep.join(specs_now)
 
@@ -261,8 +268,8 @@ def load_installed() -> None:
         _current.append(where)
         try:
             entry.load()
-        except UserError:
-            raise
+        except UserError as exc:
+            raise _naming(exc, where) from None
         except Exception as exc:
             raise UserError(f"plugin {where} failed to import: {_where(exc, '')}") from None
         finally:
@@ -272,7 +279,7 @@ def load_installed() -> None:
 def ensure_loaded() -> None:
     """Load what ``FAIRTUNE_PLUGINS`` names and the installed plugins; registries call this on a
     miss, so a Ray worker knows a plugin's names before it reads a config that uses them."""
-    load(s for s in os.environ.get(ENV, "").split(os.pathsep) if s)
+    load(())
 
 
 @contextlib.contextmanager
@@ -284,18 +291,23 @@ def isolated():
 
     tables = [_hyperparameters.HYPERPARAMETERS, _terms.TERMS, methods.BASE_METHODS, samplers.SAMPLERS, DATASETS,
               loader.AUGMENTATIONS, spaces.REGISTERED_SPACES, _spaces_beside, _loaded]
+    global _installed_done
     saved = [dict(t) for t in tables]
-    env = os.environ.get(ENV)
+    env, installed_done = os.environ.get(ENV), _installed_done
     modules = set(sys.modules)
     try:
         yield
     finally:
+        # Plugins imported inside, by file or by module name (and their submodules), are forgotten
+        # too: a later load of the same spec must import it again to register its names again.
+        plugins = {where for spec, where in _loaded.items() if spec not in saved[-1]}
+        for name in set(sys.modules) - modules:
+            if name.startswith("fairtune_plugin_") or any(name == p or name.startswith(p + ".") for p in plugins):
+                del sys.modules[name]
         for table, copy in zip(tables, saved):
             table.clear()
             table.update(copy)
-        for name in set(sys.modules) - modules:
-            if name.startswith("fairtune_plugin_"):
-                del sys.modules[name]
+        _installed_done = installed_done
         if env is None:
             os.environ.pop(ENV, None)
         else:

@@ -183,11 +183,11 @@ def paper_results(dataset: str) -> pd.DataFrame:
     return paper.set_index("method")
 
 
-def hyperparameter_text(method: str, hyperparameters: dict) -> str:
+def hyperparameter_text(method: str, values: dict) -> str:
     """The searched value first, e.g. ``λ=0.186`` or ``λ=0.01, T=3``."""
     searched = get_method(method).searched
-    names = sorted(hyperparameters, key=lambda name: name != searched)
-    return ", ".join(f"{hyperparameter_symbol(n)}={hyperparameters[n]:.3g}" for n in names)
+    names = sorted(values, key=lambda name: name != searched)
+    return ", ".join(f"{hyperparameter_symbol(n)}={values[n]:.3g}" for n in names)
 
 
 def best_other(means: pd.Series, method: str, better: str) -> str | None:
