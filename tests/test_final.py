@@ -42,7 +42,7 @@ def test_plan_takes_the_searches_protocol_and_best_values(tmp_path):
     plan = plan_final(settings_for(tmp_path))
     assert [j.method for j in plan.jobs] == ["scratch", "ad+hkd", "mfd"]  # paper order, teachers included
     configs = {j.method: j.config for j in plan.jobs}
-    assert configs["mfd"].lam == 0.25 and configs["ad+hkd"].T == 4.0 and configs["ad+hkd"].lam == 0.01
+    assert configs["mfd"].hyperparameters["lam"] == 0.25 and configs["ad+hkd"].hyperparameters["T"] == 4.0 and configs["ad+hkd"].hyperparameters["lam"] == 0.01
     assert {c.epochs for c in configs.values()} == {3} and {c.batch_size for c in configs.values()} == {40}
     assert plan.data.train_size == 300 and plan.data.eval_size == 100
     assert plan.teacher_seeds == (0, 1) and all(j.todo == (0, 1) for j in plan.jobs)
@@ -70,12 +70,12 @@ def test_plan_names_the_search_to_run(tmp_path):
 def test_plan_refuses_a_seed_file_from_another_config(tmp_path):
     fake_best(tmp_path, "mfd", {"lam": 0.25})
     plan = plan_final(settings_for(tmp_path, methods=("mfd",)))
-    record = {"config": {**plan.jobs[0].config.__dict__, "lam": 9.0}, "data": plan.options(0).fingerprint()}
+    record = {"config": {**plan.jobs[0].config.record(), "lam": 9.0}, "data": plan.options(0).fingerprint()}
     io.write_json(final_path(tmp_path, "fmnist-s", "mfd", 0), record)
     with pytest.raises(UserError, match="lam 9.0 vs 0.25.*--force"):
         plan_final(settings_for(tmp_path, methods=("mfd",)))
     assert plan_final(settings_for(tmp_path, methods=("mfd",), force=True)).jobs[0].todo == (0, 1)
-    io.write_json(final_path(tmp_path, "fmnist-s", "mfd", 0), record | {"config": plan.jobs[0].config.__dict__})
+    io.write_json(final_path(tmp_path, "fmnist-s", "mfd", 0), record | {"config": plan.jobs[0].config.record()})
     assert plan_final(settings_for(tmp_path, methods=("mfd",))).jobs[0].todo == (1,)
 
 
@@ -114,25 +114,25 @@ def test_plan_with_a_rule_takes_its_trial_and_records_the_choice(tmp_path):
         jobs = {j.method: j for j in plan.jobs}
         row = select_trial(trials, rule)
         assert row["trial_id"] != "t002"  # stopped by ASHA: never a candidate, however good
-        assert jobs["mfd"].config.lam == row["lam"]
+        assert jobs["mfd"].config.hyperparameters["lam"] == row["lam"]
         assert jobs["mfd"].selection == {
             "rule": text, "trial_id": row["trial_id"],
             "val": {"accuracy": row["final_accuracy"], "deo_a": row["final_deo_a"], "deo_m": row["final_deo_m"]},
         }
         # ad+hkd's λ is re-picked from its own trials; its T stays the one its search ran with (hkd's best).
-        assert jobs["ad+hkd"].config.T == 4.0 and jobs["ad+hkd"].config.lam in (0.2, 0.7)
+        assert jobs["ad+hkd"].config.hyperparameters["T"] == 4.0 and jobs["ad+hkd"].config.hyperparameters["lam"] in (0.2, 0.7)
     assert select_trial(trials, parse_rule("constrained:deo_a<=2"))["trial_id"] == "t001"  # 75 % beats t003's 70 %
     # Seeds done under one rule are that rule's: another rule's folder still has every seed to run.
     rule = parse_rule("utopia")
     plan = plan_final(settings_for(tmp_path, methods=("mfd",), rule=rule))
-    io.write_json(final_path(tmp_path, "fmnist-s", "mfd", 0, rule), {"config": plan.jobs[0].config.__dict__, "data": plan.options(0).fingerprint()})
+    io.write_json(final_path(tmp_path, "fmnist-s", "mfd", 0, rule), {"config": plan.jobs[0].config.record(), "data": plan.options(0).fingerprint()})
     assert final_path(tmp_path, "fmnist-s", "mfd", 0, rule).parent.parent.name == "final-utopia"
     assert plan_final(settings_for(tmp_path, methods=("mfd",), rule=rule)).jobs[0].todo == (1,)
     assert plan_final(settings_for(tmp_path, methods=("mfd",))).jobs[0].todo == (0, 1)
     # The default rule reads best.json, as before, and records it.
     best = plan_final(settings_for(tmp_path, methods=("mfd", "ss")))
     jobs = {j.method: j for j in best.jobs}
-    assert jobs["mfd"].config.lam == 3.0 and jobs["mfd"].selection == {
+    assert jobs["mfd"].config.hyperparameters["lam"] == 3.0 and jobs["mfd"].selection == {
         "rule": "best", "trial_id": None, "val": {"accuracy": 50.0, "deo_a": 5.0, "deo_m": None}}  # fake_best has no id
     assert jobs["ss"].selection == {"rule": "best", "trial_id": None, "val": None}  # nothing searched
 
