@@ -224,7 +224,6 @@ def build_parser() -> Parser:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from fairtune import hyperparameters
     from fairtune.data import DATASETS, DataOptions, dataset_info, default_data_dir
     from fairtune.methods import all_method_names, get_method
     from fairtune.spaces import load_space
@@ -234,7 +233,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in all_method_names():
         method = get_method(name)
         space = load_space(name)
-        searched = hyperparameters.get(method.searched).space_text() if method.searched else "nothing to search"
+        searched = space.text()
         fixed = ", ".join(f"{p} from {src}" for p, src in method.fixed_from)
         teacher = "teacher" if method.needs_teacher else "no teacher"
         start = ", ".join(f"{d}={v:g}" for d, v in space.paper.items())

@@ -15,6 +15,7 @@ import torch
 
 from fairtune import hyperparameters, io
 from fairtune.data import DataOptions, DatasetSplits
+from fairtune.data.sampler import SAMPLERS
 from fairtune.engine import Trainer, TrainConfig
 from fairtune.errors import UserError
 from fairtune.methods import get_method
@@ -71,7 +72,17 @@ def check_batches(methods: list[str], batch_size: int, data: DatasetSplits) -> N
     cells = info.num_classes * info.num_groups
     size = f" (--train-size {data.options.train_size})" if data.options.train_size else ""
     for name in methods:
-        if get_method(name).sampler == "balanced":  # the other samplers draw batches of B
+        sampler = get_method(name).sampler
+        if sampler not in ("balanced", "random"):
+            # A plugin's sampler states its limits by failing: draw one epoch's plan now, with a
+            # throwaway generator, rather than in every epoch of every run.
+            try:
+                plan = SAMPLERS[sampler](train.labels, train.groups, info.num_classes, info.num_groups, batch_size, torch.Generator().manual_seed(0))
+            except (ValueError, RuntimeError) as exc:
+                raise UserError(f"--batch-size {batch_size} does not fit {name}'s sampler '{sampler}' on {info.name}{size}: {exc}") from None
+            if len(plan) == 0:
+                raise UserError(f"--batch-size {batch_size} leaves {name}'s sampler '{sampler}' no batch on {info.name}{size}; use a smaller --batch-size")
+        elif sampler == "balanced":
             largest = int(train.cell_counts(info.num_classes, info.num_groups).max())
             most = (largest + 1) * cells - 1  # above it, a cell's share of a batch exceeds its largest cell
             if not cells <= batch_size <= most:

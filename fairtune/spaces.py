@@ -48,6 +48,17 @@ class SearchSpace:
     default: float | None = None
     fixed: dict[str, str] = field(default_factory=dict)  # hyperparameter -> method providing it
 
+    def text(self) -> str:
+        """The space in words for ``fairtune list``: the table's wording when it is the standard one."""
+        if self.parameter is None:
+            return "nothing to search"
+        row = hyperparameters.get(self.parameter)
+        if self.distribution == row.distribution and self.values == tuple(map(float, row.values)) and (self.low, self.high) == (row.low, row.high):
+            return row.space_text()
+        if self.distribution == "choice":
+            return f"{row.symbol} in {{{','.join(f'{v:g}' for v in self.values)}}}"
+        return f"{row.symbol} log-uniform [{self.low:g}, {self.high:g}]"
+
     def start(self, dataset: str) -> float | None:
         """The value evaluated first: the paper's for this dataset, else the default."""
         return self.paper.get(dataset, self.default)

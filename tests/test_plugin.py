@@ -502,3 +502,13 @@ def test_groupdro_goes_through_search_final_and_report_like_a_built_in(tmp_path,
     table = pd.read_csv(results / "imagefolder" / "table.csv").set_index("method")
     assert list(table.index) == ["scratch", "groupdro"] and table.loc["groupdro", "hyperparameters"].startswith("η=")
     assert table.loc["groupdro", "seeds"] == 2
+
+
+def test_a_batch_size_a_plugin_sampler_cannot_fill_is_refused_before_training(data_dir, tmp_path, capsys):
+    argv = ["train", "--plugin", str(EXAMPLE), "--method", "groupdro", "--eta", "0.1", "--dataset", "fmnist-s",
+            "--data-dir", str(data_dir), "--train-size", "200", "--eval-size", "100", "--results-dir", str(tmp_path)]
+    assert main([*argv, "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--batch-size 1 does not fit groupdro's sampler 'group-balanced'" in err and "smaller than the 2 groups" in err
+    assert not (tmp_path / "fmnist-s" / "train").exists()

@@ -92,3 +92,11 @@ def test_the_wheel_ships_the_search_spaces_and_an_installed_copy_reads_them(tmp_
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}).stdout.split()
     assert out == [str(tmp_path / "site" / "fairtune" / "search_spaces"), "3.0"]
+
+
+def test_a_space_is_described_as_searched_not_as_the_tables_standard(tmp_path):
+    (tmp_path / "mfd.yaml").write_text("method: mfd\nparameter: lam\ndistribution: loguniform\nlow: 0.01\nhigh: 10\ndefault: 1\n")
+    assert load_space("mfd", tmp_path).text() == "λ log-uniform [0.01, 10]"
+    assert load_space("mfd").text() == "λ log-uniform [1e-4, 1e2]"  # the standard range, in the table's words
+    (tmp_path / "hkd.yaml").write_text("method: hkd\nparameter: T\ndistribution: choice\nvalues: [2, 4]\ndefault: 4\n")
+    assert load_space("hkd", tmp_path).text() == "T in {2,4}" and load_space("scratch").text() == "nothing to search"
