@@ -24,7 +24,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from fairtune import hyperparameters, io
+from fairtune import io
+from fairtune.hyperparameters import symbol as hyperparameter_symbol
 from fairtune.engine import training_protocol
 from fairtune.errors import UserError
 from fairtune.methods import get_method, in_paper_order
@@ -186,7 +187,7 @@ def hyperparameter_text(method: str, hyperparameters: dict) -> str:
     """The searched value first, e.g. ``λ=0.186`` or ``λ=0.01, T=3``."""
     searched = get_method(method).searched
     names = sorted(hyperparameters, key=lambda name: name != searched)
-    return ", ".join(f"{hyperparameters.symbol(n)}={hyperparameters[n]:.3g}" for n in names)
+    return ", ".join(f"{hyperparameter_symbol(n)}={hyperparameters[n]:.3g}" for n in names)
 
 
 def best_other(means: pd.Series, method: str, better: str) -> str | None:
@@ -566,7 +567,7 @@ SENSITIVITY_CAPTION = (
 def sensitivity_markdown(found: list[Sensitivity]) -> str:
     sections = [SENSITIVITY_CAPTION]
     for item in found:
-        symbol = hyperparameters.symbol(item.parameter)
+        symbol = hyperparameter_symbol(item.parameter)
         rows = item.trials
         shown = pd.DataFrame({
             symbol: [f"{v:.4g}" if pd.notna(v) else "–" for v in rows["value"]],
@@ -589,7 +590,7 @@ def plot_sensitivity(found: list[Sensitivity], dataset: str) -> bytes:
 
     figure, axes = plt.subplots(len(found), 3, figsize=(11, 2.9 * len(found) + 0.5), squeeze=False)
     for row, item in zip(axes, found):
-        symbol = hyperparameters.symbol(item.parameter)
+        symbol = hyperparameter_symbol(item.parameter)
         done = item.trials["status"] == "COMPLETED"
         for axis, metric in zip(row, METRICS):
             axis.scatter(item.trials["value"][done], item.trials[metric][done], s=24, color="#4c72b0", label="completed")
