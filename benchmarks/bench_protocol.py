@@ -74,9 +74,12 @@ def protocol(results: Path, log: Path) -> None:
 
 
 def outcome(results: Path) -> tuple[dict, pd.DataFrame]:
-    folder = results / "fmnist-s"
-    best = {m: json.loads((folder / "search" / m / "best.json").read_text())["hyperparameters"] for m in METHODS}
-    table = pd.read_csv(folder / "table.csv").set_index("method")
+    from fairtune.layout import Layout
+    from fairtune.records import read_best
+
+    layout = Layout(results, "fmnist-s")
+    best = {m: read_best(layout, m).hyperparameters for m in METHODS}
+    table = pd.read_csv(layout.table("csv")).set_index("method")
     return best, table[[c for c in table.columns if c.endswith("_mean") and not c.startswith("paper_")]]
 
 
@@ -94,7 +97,9 @@ def main() -> None:
                 arm(results, Path(tmp) / f"{name.split()[0]}.log")
             arms[name] = (use, *outcome(results))
             print(f"{name}: {use.seconds:.0f} s, CPU use {100 * use.mean:.0f} %", flush=True)
-        slots = json.loads((Path(tmp) / "protocol" / "fmnist-s" / "protocol.json").read_text())["slot_use"]
+        from fairtune.layout import Layout
+
+        slots = json.loads(Layout(Path(tmp) / "protocol", "fmnist-s").protocol_summary.read_text())["slot_use"]
     (p_use, p_best, p_table), (s_use, s_best, s_table) = arms["protocol"], arms["search loop + final"]
     same_best = p_best == s_best
     same_table = p_table.round(6).equals(s_table.round(6))

@@ -24,6 +24,8 @@ import pandas as pd  # noqa: E402
 from _timing import Spread, append_results, device  # noqa: E402
 from fairtune.data import DataOptions, default_data_dir  # noqa: E402
 from fairtune.engine import TrainConfig  # noqa: E402
+from fairtune.layout import SearchDir  # noqa: E402
+from fairtune.records import BestConfig  # noqa: E402
 from fairtune.schedule import default_grace_period  # noqa: E402
 from fairtune.tune.search import SearchSettings, run_search  # noqa: E402
 
@@ -31,9 +33,9 @@ METHOD, EPOCHS, SAMPLES, REDUCTION = "mfd", 12, 16, 3
 DATA = DataOptions("fmnist-s", seed=0, train_size=2000, eval_size=1000)
 
 
-def run_arm(settings: SearchSettings) -> tuple[dict, pd.DataFrame]:
+def run_arm(settings: SearchSettings) -> tuple[BestConfig, pd.DataFrame]:
     best = run_search(settings, say=lambda line: None)
-    trials = pd.read_csv(settings.experiment_dir / "trials.csv", dtype={"trial_id": str})
+    trials = pd.read_csv(SearchDir(settings.experiment_dir).trials_csv, dtype={"trial_id": str})
     return best, trials
 
 
@@ -106,23 +108,23 @@ def main() -> None:
 
     same_samples = sorted(asha_trials["lam"].round(10)) == sorted(full_trials["lam"].round(10))
     full_rank = full_trials.sort_values("final_objective", ascending=False)["lam"].round(10).tolist()
-    rank_of_asha_pick = full_rank.index(round(asha_best["hyperparameters"]["lam"], 10)) + 1
+    rank_of_asha_pick = full_rank.index(round(asha_best.hyperparameters["lam"], 10)) + 1
     rows = []
     for name, best, trials in (("ASHA + TPE", asha_best, asha_trials), ("every trial to the end", full_best, full_trials)):
-        budget = best["budget"]
+        budget = best.budget
         stopped = int((trials["status"] == "STOPPED").sum())
         epochs_per_trial = Spread(tuple(trials["epochs_run"].astype(float)))
         rows.append(
             f"| {name} | {budget['epochs_run']} of {SAMPLES * EPOCHS} | {stopped} | "
-            f"{epochs_per_trial.text('.0f')} | {budget['seconds']:.0f} s | λ={best['hyperparameters']['lam']:.4g} | "
-            f"{best['objective_value']:.2f} |"
+            f"{epochs_per_trial.text('.0f')} | {budget['seconds']:.0f} s | λ={best.hyperparameters['lam']:.4g} | "
+            f"{best.objective_value:.2f} |"
         )
-    saved = 1 - asha_best["budget"]["epochs_run"] / full_best["budget"]["epochs_run"]
+    saved = 1 - asha_best.budget["epochs_run"] / full_best.budget["epochs_run"]
     space = load_space("hkd")
     replay = tpe_replay(hkd_trials, space, SAMPLES, DATA.seed)
     cost = dict(zip(hkd_trials["T"].astype(float), hkd_trials["epochs_run"]))
     before = int(sum(cost[float(v)] for v in replay))
-    after = hkd_best["budget"]["epochs_run"]
+    after = hkd_best.budget["epochs_run"]
     lines = [
         f"{METHOD} on {DATA.dataset}, train-size {DATA.train_size}, eval-size {DATA.eval_size}, {EPOCHS} epochs, "
         f"{SAMPLES} trials (TPE seed {DATA.seed}; the paper's λ first), objective {asha.base.objective} on the validation split; "
@@ -138,13 +140,13 @@ def main() -> None:
         "by final objective when every trial runs to the end.",
         "",
         f"hkd, T in {{{', '.join(f'{v:g}' for v in space.values)}}}, same sizes, ASHA on: the grid ran {len(hkd_trials)} trials, "
-        f"{after} epochs, {hkd_best['budget']['seconds']:.0f} s, chose T={hkd_best['hyperparameters']['T']:g}. "
+        f"{after} epochs, {hkd_best.budget['seconds']:.0f} s, chose T={hkd_best.hyperparameters['T']:g}. "
         f"The former sampling (replayed TPE) would have trained {len(set(replay))} distinct of {SAMPLES} proposals "
         f"({', '.join(f'{v:g}' for v in replay)}): {before} epochs. Saved: {before - after} epochs "
         f"({100 * (1 - after / before):.0f} %).",
     ]
     append_results("bench_search: ASHA at 16 × 12, and T searches as a grid", dev, lines)
-    print(json.dumps({"asha": asha_best["budget"], "full": full_best["budget"], "hkd": hkd_best["budget"], "hkd_before": before}))
+    print(json.dumps({"asha": asha_best.budget, "full": full_best.budget, "hkd": hkd_best.budget, "hkd_before": before}))
 
 
 if __name__ == "__main__":

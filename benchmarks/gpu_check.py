@@ -58,8 +58,10 @@ from fairtune.data import DataOptions, load_dataset  # noqa: E402
 from fairtune.data.sampler import balanced_plan  # noqa: E402
 from fairtune.engine import NonFiniteLoss, Trainer, TrainConfig  # noqa: E402
 from fairtune.hyperparameters import HYPERPARAMETERS  # noqa: E402
+from fairtune.layout import Layout  # noqa: E402
 from fairtune.methods import get_method  # noqa: E402
 from fairtune.models import build_model  # noqa: E402
+from fairtune.records import read_best  # noqa: E402
 from fairtune.spaces import load_space  # noqa: E402
 
 # Every method family: the base methods whose loss code differs (ss/ss+X only change the sampler,
@@ -675,22 +677,21 @@ def check_ray(data_dir: Path, sizes: Sizes, device: torch.device, work: Path, de
     wall = time.perf_counter() - started
     if driver is None and error is None:
         error = f"the driver exited with code {proc.returncode} without a result; see ray.log"
-    best_path = results / "cifar10s" / "search" / sizes.search_method / "best.json"
+    layout = Layout(results, "cifar10s")
     summary = {"ok": False, "error": error, "wall_s": wall, "driver": driver, "gpus_per_trial": sizes.gpus_per_trial,
                "commands": {k: "fairtune " + " ".join(v) for k, v in spec.items()}}
-    if best_path.exists():
-        best = json.loads(best_path.read_text())
-        budget = best["budget"]
+    if layout.search(sizes.search_method).best.exists():
+        best = read_best(layout, sizes.search_method)
+        budget = best.budget
         summary["search"] = {
             "trials": budget["trials"], "epochs": sizes.search_epochs, "epochs_run": budget["epochs_run"],
             "epochs_without_early_stopping": budget["epochs_if_no_early_stopping"], "failed_trials": budget["failed_trials"],
             "asha_saving": 1 - budget["epochs_run"] / budget["epochs_if_no_early_stopping"],
             "tune_seconds": budget["seconds"], "teacher_ready_s": teacher_done,
-            "best": best["hyperparameters"], "objective_value": best["objective_value"],
+            "best": best.hyperparameters, "objective_value": best.objective_value,
         }
-    finals = sorted((results / "cifar10s" / "final").glob("*/seed*.json"))
-    summary["final"] = {"records": [str(p.relative_to(results)) for p in finals],
-                        "table": (results / "cifar10s" / "table.md").exists()}
+    finals = layout.final_runs()
+    summary["final"] = {"records": [str(p.relative_to(results)) for p in finals], "table": layout.table("md").exists()}
     if driver:
         for name in ("search", "final"):
             if name in driver:

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fairtune.errors import UserError
+from fairtune.layout import Layout, SearchDir
 
 
 class Parser(argparse.ArgumentParser):
@@ -295,7 +296,7 @@ def _load_data(args: argparse.Namespace, seed: int, notes: bool = True):
 def _check_results_dir(args: argparse.Namespace, dataset: str) -> None:
     from fairtune.io import check_writable
 
-    check_writable(Path(args.results_dir) / dataset)
+    check_writable(Layout(args.results_dir, dataset).root)
 
 
 def _data_options(args: argparse.Namespace, seed: int):
@@ -445,7 +446,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if method.searched:
         hyper.pop(method.searched)
     _check_results_dir(args, args.dataset)
-    folder = (Path(args.results_dir) / args.dataset / "search" / method.name).resolve()
+    folder = Layout(args.results_dir, args.dataset).search(method.name).path.resolve()
     if args.resume and not folder.exists():
         raise UserError(f"--resume: there is no search of {method.name} in {folder} to resume; drop --resume to start one")
     _setup_threads(args)
@@ -496,32 +497,33 @@ def _search_settings(args: argparse.Namespace, method: str, hyper: dict, spaces_
     )
 
 
-def _print_search_summary(best: dict, settings) -> None:
+def _print_search_summary(best, settings) -> None:
+    """``best``: the search's BestConfig."""
     import pandas as pd
 
-    folder = settings.experiment_dir
-    trials = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str, "error": str}).fillna({"error": ""})
-    shown = [c for c in ("trial_id", best["searched"], "status", "epochs_run", "final_accuracy", "final_deo_a", "final_deo_m", "final_objective", "error") if c and c in trials]
+    folder = SearchDir(settings.experiment_dir)
+    trials = pd.read_csv(folder.trials_csv, dtype={"trial_id": str, "error": str}).fillna({"error": ""})
+    shown = [c for c in ("trial_id", best.searched, "status", "epochs_run", "final_accuracy", "final_deo_a", "final_deo_m", "final_objective", "error") if c and c in trials]
     print()
     print(trials[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    budget = best["budget"]
-    hyper = ", ".join(f"{k}={v:g}" for k, v in best["hyperparameters"].items()) or "no hyperparameters"
-    objective = f"{best['objective']} scalarised as {best['scalarised']}" if "scalarised" in best else best["objective"]
+    budget = best.budget
+    hyper = ", ".join(f"{k}={v:g}" for k, v in best.hyperparameters.items()) or "no hyperparameters"
+    objective = f"{best.objective} scalarised as {best.scalarised}" if best.scalarised is not None else best.objective
     print(
-        f"\nbest: {hyper}  ({objective} {best['objective_value']:.2f}: accuracy {best['val']['accuracy']:.2f}, "
-        f"DEO_A {best['val']['deo_a']:.2f}, DEO_M {best['val']['deo_m']:.2f} on {best['selection_split']}; trial {best['trial_id']})"
+        f"\nbest: {hyper}  ({objective} {best.objective_value:.2f}: accuracy {best.val.accuracy:.2f}, "
+        f"DEO_A {best.val.deo_a:.2f}, DEO_M {best.val.deo_m:.2f} on {best.selection_split}; trial {best.trial_id})"
     )
-    if "pareto_trials" in best:
-        print(f"Pareto set on {' and '.join(best['objectives'])} ({best['selection_split']}, completed trials): {', '.join(best['pareto_trials']) or 'none'}")
+    if best.pareto_trials is not None:
+        print(f"Pareto set on {' and '.join(best.objectives)} ({best.selection_split}, completed trials): {', '.join(best.pareto_trials) or 'none'}")
     print(
         f"budget: {budget['epochs_run']} epochs run of {budget['epochs_if_no_early_stopping']} without early stopping, "
         f"{budget['failed_trials']} failed trial(s), {budget['seconds']:.0f} s"
     )
-    if "pareto_trials" in best:
-        print(f"wrote {folder / 'best.json'}, {folder / 'trials.csv'} and {folder / 'pareto.csv'}")
+    if best.pareto_trials is not None:
+        print(f"wrote {folder.best}, {folder.trials_csv} and {folder.pareto_csv}")
     else:
-        print(f"wrote {folder / 'best.json'} and {folder / 'trials.csv'}")
-    print(f"curves: tensorboard --logdir {shlex.quote(str(Path(settings.results_dir) / settings.data.dataset))}")
+        print(f"wrote {folder.best} and {folder.trials_csv}")
+    print(f"curves: tensorboard --logdir {shlex.quote(str(Layout(settings.results_dir, settings.data.dataset).root))}")
 
 
 # GPU share per run under `--gpus-per-trial auto`: one 6-conv CNN at batch 128 cannot fill an H100/H200,
@@ -552,7 +554,7 @@ def _final_datasets(args: argparse.Namespace) -> list[str]:
         return [args.dataset]
     from fairtune.data import DATASETS
 
-    found = [d for d in DATASETS if any((args.results_dir / d / "search").glob("*/best.json"))]
+    found = [d for d in DATASETS if any(search.best.exists() for search in Layout(args.results_dir, d).searches())]
     if not found:
         raise UserError(
             f"no best configs under {args.results_dir}; run `fairtune search --method M --dataset D` first, or pass --dataset"
@@ -641,7 +643,7 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     print(
         f"protocol on {args.dataset}: {', '.join(methods)}; searches of {args.num_samples} trials x up to {args.epochs} epochs "
         f"(seed {args.seed}), finals on seeds {' '.join(map(str, args.seeds))}; {args.cpus_per_trial} CPU"
-        f"{f' + {gpus:g} GPU' if gpus else ''} per run; every line goes to {settings.folder / 'protocol.log'}",
+        f"{f' + {gpus:g} GPU' if gpus else ''} per run; every line goes to {settings.layout.protocol_log}",
         flush=True,
     )
     # Ctrl-C stops the protocol cleanly even where its shell started it with SIGINT ignored (a
@@ -737,7 +739,7 @@ def _print_report(results_dir: Path, dataset: str, rules: list | None = None) ->
     if report.selection:
         print(f"\n{dataset}, the rules side by side:\n")
         print(report.selection.markdown.read_text().rstrip())
-    folder = Path(results_dir) / dataset
+    folder = Layout(results_dir, dataset).root
     print(f"\nwrote {', '.join(p.name for p in report.paths())} in {folder}")
     print(f"curves of the searches and final runs: tensorboard --logdir {shlex.quote(str(folder))}")
 

@@ -28,9 +28,10 @@ from fairtune import io
 from fairtune.hyperparameters import symbol as hyperparameter_symbol
 from fairtune.engine import training_protocol
 from fairtune.errors import UserError
+from fairtune.layout import Layout
 from fairtune.methods import get_method, in_paper_order
-from fairtune.records import BEST_CONFIG, BEST_CONFIG_VAL, FINAL_RUN, read_record
-from fairtune.selection import BEST, Rule, final_dir, pareto_mask, parse_rule
+from fairtune.records import FINAL_RUN, read_best, read_record
+from fairtune.selection import BEST, Rule, pareto_mask, parse_rule
 from fairtune.spaces import load_space
 from fairtune.stats import ALPHA, ci_half_width, welch_p
 
@@ -94,11 +95,9 @@ class Report:
 
 def report_files(results_dir: Path, dataset: str, rule: Rule = BEST) -> ReportFiles:
     """``table.md`` ... for ``best`` (where they have always been), ``table-<slug>.md`` ... otherwise."""
-    folder = Path(results_dir) / dataset
-    suffix = "" if rule == BEST else f"-{rule.slug}"
+    layout = Layout(results_dir, dataset)
     return ReportFiles(
-        folder / f"table{suffix}.md", folder / f"table{suffix}.csv", folder / f"table{suffix}.tex",
-        folder / f"pareto{suffix}.png", folder / f"table{suffix}.png",
+        layout.table("md", rule), layout.table("csv", rule), layout.table("tex", rule), layout.pareto_plot(rule), layout.table("png", rule),
     )
 
 
@@ -129,10 +128,11 @@ def load_final_runs(results_dir: Path, dataset: str, rule: Rule = BEST) -> pd.Da
     protocol: the training settings that change what it learns and its data settings but the seed
     (JSON). The Teacher has nothing to select, so a rule whose folder holds no ``scratch`` runs
     shares those of ``final/``."""
-    paths = sorted(final_dir(results_dir, dataset, rule).glob("*/seed*.json"))
+    layout = Layout(results_dir, dataset)
+    paths = layout.final_runs(rule)
     owner = dict.fromkeys(paths, rule)
     if rule != BEST and paths and not any(p.parent.name == TEACHER for p in paths):
-        owner |= dict.fromkeys(sorted((final_dir(results_dir, dataset) / TEACHER).glob("seed*.json")), BEST)
+        owner |= dict.fromkeys(layout.final_runs(BEST, TEACHER), BEST)
     rows = []
     for path, folder_rule in owner.items():
         redo = (
@@ -203,7 +203,7 @@ def summarize(runs: pd.DataFrame, dataset: str, rule: Rule = BEST) -> pd.DataFra
     against the Teacher and the column's best other method (and which that is); seeds,
     hyperparameters, paper values."""
     if runs.empty:
-        where = final_dir(Path("."), dataset, rule).name
+        where = Layout(".", dataset).final_dir(rule).name
         raise UserError(
             f"no final results for {dataset} under rule {rule.text} ({where}/ holds no seed files); run `{final_command(dataset, rule)}` first"
         )
@@ -398,12 +398,14 @@ def _label(method: str) -> str:
 def load_trials(results_dir: Path, dataset: str) -> pd.DataFrame:
     """Every search trial's final-epoch validation metrics, with its method."""
     frames = []
-    for path in sorted((Path(results_dir) / dataset / "search").glob("*/trials.csv")):
-        trials = _read_table(path, (), f"rerun `fairtune search --dataset {dataset} --method {path.parent.name}`, or delete the file")
+    for search in Layout(results_dir, dataset).searches():
+        if not search.trials_csv.exists():
+            continue
+        trials = _read_table(search.trials_csv, (), f"rerun `fairtune search --dataset {dataset} --method {search.method}`, or delete the file")
         if "final_accuracy" not in trials:
             continue
         trials = trials[trials["final_accuracy"].notna()]
-        frames.append(pd.DataFrame({"method": path.parent.name, "accuracy": trials["final_accuracy"], "deo_a": trials["final_deo_a"]}))
+        frames.append(pd.DataFrame({"method": search.method, "accuracy": trials["final_accuracy"], "deo_a": trials["final_deo_a"]}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["method", "accuracy", "deo_a"])
 
 
@@ -413,11 +415,13 @@ FRONT_COLUMNS = ("trial_id", "final_accuracy", "final_deo_a", "final_deo_m")
 def load_search_fronts(results_dir: Path, dataset: str) -> dict[str, pd.DataFrame]:
     """The validation Pareto set each multi-objective search wrote (``search/<method>/pareto.csv``)."""
     fronts = {}
-    for path in sorted((Path(results_dir) / dataset / "search").glob("*/pareto.csv")):
-        front = _read_table(path, FRONT_COLUMNS, f"rerun the multi-objective search of {path.parent.name}, or delete the file")
+    for search in Layout(results_dir, dataset).searches():
+        if not search.pareto_csv.exists():
+            continue
+        front = _read_table(search.pareto_csv, FRONT_COLUMNS, f"rerun the multi-objective search of {search.method}, or delete the file")
         for column in FRONT_COLUMNS[1:]:
             front[column] = pd.to_numeric(front[column], errors="coerce")
-        fronts[path.parent.name] = front.dropna(subset=["final_accuracy", "final_deo_a"]).sort_values("final_deo_a")
+        fronts[search.method] = front.dropna(subset=["final_accuracy", "final_deo_a"]).sort_values("final_deo_a")
     return fronts
 
 
@@ -457,13 +461,12 @@ def plot_pareto(results_dir: Path, dataset: str, table: pd.DataFrame, rule: Rule
         axis.step(front["final_deo_a"], front["final_accuracy"], where="post", color=colours[method], lw=1.4)
         axis.scatter(front["final_deo_a"], front["final_accuracy"], marker="s", s=28, facecolor="white", edgecolor=colours[method],
                      zorder=3, label=f"{_label(method)}: val Pareto set")
+    layout = Layout(results_dir, dataset)
     for _, row in table.iterrows():
         colour = colours[row["method"]]
-        best_path = Path(results_dir) / dataset / "search" / row["method"] / "best.json"
-        if rule == BEST and best_path.exists():
-            redo = f"rerun `fairtune search --method {row['method']} --dataset {dataset}`, or delete the file"
-            val = read_record(best_path, BEST_CONFIG_VAL, redo)["val"]
-            axis.scatter(val["deo_a"], val["accuracy"], marker="*", s=170, color=colour, edgecolor="black", lw=0.6, zorder=3)
+        if rule == BEST and layout.search(row["method"]).best.exists():
+            val = read_best(layout, row["method"], need_val=True).val
+            axis.scatter(val.deo_a, val.accuracy, marker="*", s=170, color=colour, edgecolor="black", lw=0.6, zorder=3)
         axis.errorbar(
             row["deo_a_mean"], row["accuracy_mean"], xerr=np.nan_to_num(row["deo_a_ci95"]), yerr=np.nan_to_num(row["accuracy_ci95"]),
             fmt="D", ms=7, color=colour, mec="black", capsize=3, zorder=4, label=row["label"],
@@ -521,22 +524,23 @@ def load_sensitivity(results_dir: Path, dataset: str) -> list[Sensitivity]:
     """Every search of a method with a searched hyperparameter, in paper order. The axis is
     logarithmic for a log-uniform space of positive values (λ spans six decades)."""
     found = []
-    search = Path(results_dir) / dataset / "search"
-    for method in in_paper_order(p.parent.name for p in search.glob("*/trials.csv")):
+    layout = Layout(results_dir, dataset)
+    for method in in_paper_order(search.method for search in layout.searches() if search.trials_csv.exists()):
+        files = layout.search(method)
         try:
             parameter = get_method(method).searched
         except UserError:
             continue  # not the folder of a fairtune method
         fix = f"rerun `fairtune search --dataset {dataset} --method {method}`, or delete the file"
-        trials = _read_table(search / method / "trials.csv", (), fix)
+        trials = _read_table(files.trials_csv, (), fix)
         if not parameter or parameter not in trials or trials[parameter].isna().all():
             continue
         values = pd.to_numeric(trials[parameter], errors="coerce")
         distribution = load_space(method).distribution
         chosen_value, chosen_id = None, None
-        if (search / method / "best.json").exists():
-            best = read_record(search / method / "best.json", BEST_CONFIG, fix)
-            chosen_value, chosen_id = best["hyperparameters"].get(parameter), best.get("trial_id")
+        if files.best.exists():
+            best = read_best(layout, method, fix)
+            chosen_value, chosen_id = best.hyperparameters.get(parameter), best.trial_id
         ids = trials["trial_id"] if "trial_id" in trials else pd.Series([""] * len(trials), dtype=str)
         if chosen_id is not None and (ids == str(chosen_id)).any():
             chosen = ids == str(chosen_id)
@@ -625,7 +629,7 @@ def write_reports(results_dir: Path, dataset: str, rules: Sequence[Rule] = (BEST
     report = Report(tables, {rule: report_files(results_dir, dataset, rule) for rule in rules})
     paretos = {rule: plot_pareto(results_dir, dataset, tables[rule], rule) for rule in rules}
     sensitivity = load_sensitivity(results_dir, dataset)
-    folder = Path(results_dir) / dataset
+    layout = Layout(results_dir, dataset)
     for rule, table in tables.items():
         files = report.files[rule]
         io.write_text(files.markdown, to_markdown(table, rule) + "\n")
@@ -634,11 +638,11 @@ def write_reports(results_dir: Path, dataset: str, rules: Sequence[Rule] = (BEST
         io.write_bytes(files.pareto, paretos[rule])
         io.write_bytes(files.bars, plot_bars(table, dataset, rule))
     if sensitivity:
-        report.sensitivity = SensitivityFiles(folder / "sensitivity.png", folder / "sensitivity.md")
+        report.sensitivity = SensitivityFiles(layout.sensitivity_plot, layout.sensitivity_table)
         io.write_bytes(report.sensitivity.plot, plot_sensitivity(sensitivity, dataset))
         io.write_text(report.sensitivity.table, sensitivity_markdown(sensitivity) + "\n")
     if len(rules) > 1:
-        report.selection = SelectionFiles(folder / "selection.md", folder / "selection.csv")
+        report.selection = SelectionFiles(layout.selection_table, layout.selection_csv)
         io.write_text(report.selection.markdown, selection_markdown(tables, dataset) + "\n")
         io.write_text(report.selection.csv, to_csv(selection_frame(tables)))
     return report

@@ -18,14 +18,11 @@ from fairtune.data import DataOptions, DatasetSplits
 from fairtune.data.sampler import SAMPLERS
 from fairtune.engine import Trainer, TrainConfig
 from fairtune.errors import UserError
+from fairtune.layout import Layout
 from fairtune.methods import get_method
-from fairtune.records import BEST_CONFIG, read_record
+from fairtune.records import read_best
 from fairtune.spaces import SPACES_DIR, load_space
 from fairtune.teachers import load_teacher, save_teacher, teacher_identity, teacher_paths
-
-def best_config_path(results_dir: Path, dataset: str, method: str) -> Path:
-    return Path(results_dir) / dataset / "search" / method / "best.json"
-
 
 def resolve_hyperparameters(
     method_name: str, dataset: str, given: dict[str, float | None], results_dir: Path, spaces_dir: Path = SPACES_DIR
@@ -46,11 +43,12 @@ def resolve_hyperparameters(
     if method.searched:
         value = given.get(method.searched)
         values[method.searched] = float(value if value is not None else space.start(dataset))
+    layout = Layout(results_dir, dataset)
     for param, source in method.fixed_from:
         if given.get(param) is not None:
             values[param] = float(given[param])
             continue
-        path = best_config_path(results_dir, dataset, source)
+        path = layout.search(source).best
         if not path.exists():
             raise UserError(
                 f"{method.name} needs {param} from the best {source} config ({path} is missing); "
@@ -58,10 +56,10 @@ def resolve_hyperparameters(
             )
         searched = get_method(source).searched
         redo = f"rerun `fairtune search --method {source} --dataset {dataset}` or pass {flag(param)}"
-        best = read_record(path, BEST_CONFIG, redo)
-        if searched not in best["hyperparameters"]:
+        best = read_best(layout, source, redo)
+        if searched not in best.hyperparameters:
             raise UserError(f"{path} has no hyperparameters.{searched}; {redo}")
-        values[param] = float(best["hyperparameters"][searched])
+        values[param] = float(best.hyperparameters[searched])
     return values
 
 
@@ -173,7 +171,7 @@ def train_run_path(results_dir: Path, config: TrainConfig, options: DataOptions)
     hyper = "_".join(f"{name}{value:g}" for name, value in config.hyperparameters.items()) or "run"
     settings = {"train": config.record(), "data": {k: v for k, v in options.fingerprint().items() if k != "seed"}}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    return Path(results_dir) / options.dataset / "train" / config.method / f"{hyper}-{digest}" / f"seed{options.seed}.json"
+    return Layout(results_dir, options.dataset).train_run(config.method, f"{hyper}-{digest}", options.seed)
 
 
 def write_run(path: Path, config: TrainConfig, data: DatasetSplits, result: RunResult, device: torch.device) -> None:
@@ -182,7 +180,6 @@ def write_run(path: Path, config: TrainConfig, data: DatasetSplits, result: RunR
 
 __all__ = [
     "RunResult",
-    "best_config_path",
     "check_batches",
     "ensure_teacher",
     "resolve_hyperparameters",

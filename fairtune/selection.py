@@ -25,8 +25,8 @@ Only trials that ran every epoch (COMPLETED) are candidates: a trial ASHA stoppe
 to the end. ``best`` alone falls back on every trial that reported something when none completed,
 as the search always has. Ties go to the trial created first (the lower trial id: t003 before t010).
 
-The finals of ``best`` live in ``final/``, those of any other rule in ``final-<slug>/``, so a rule's
-reruns never overwrite another's.
+The finals of ``best`` live in ``final/``, those of any other rule in ``final-<slug>/``
+(``fairtune.layout.Layout.final_dir``), so a rule's reruns never overwrite another's.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -97,12 +96,6 @@ def parse_rule(text: str) -> Rule:
     if not bound == bound or bound < 0 or bound == float("inf"):  # NaN, negative or infinite
         raise UserError(f"--select {text!r}: the bound must be a number ≥ 0 (DEO in percentage points), e.g. {metric}<=2.5")
     return Rule("constrained", metric, bound)
-
-
-def final_dir(results_dir: Path, dataset: str, rule: Rule = BEST) -> Path:
-    """Where the final reruns of the configs ``rule`` picks live."""
-    name = "final" if rule.name == "best" else f"final-{rule.slug}"
-    return Path(results_dir) / dataset / name
 
 
 COMPLETED = "COMPLETED"  # a trial that ran every epoch (fairtune.tune.ledger.COMPLETED)
@@ -246,6 +239,6 @@ def _knee(pool: pd.DataFrame, normalised: np.ndarray) -> pd.Series:
 
 
 __all__ = [
-    "BEST", "RULES", "RULE_HELP", "Rule", "completed_trials", "final_dir", "hypervolume_2d", "losses", "normalised_losses",
+    "BEST", "RULES", "RULE_HELP", "Rule", "completed_trials", "hypervolume_2d", "losses", "normalised_losses",
     "pareto_mask", "pareto_set", "parse_rule", "rule_metrics", "select_trial",
 ]

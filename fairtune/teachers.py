@@ -6,7 +6,6 @@ A teacher file records the data settings it was trained on; a student asking for
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -14,18 +13,12 @@ from torch import nn
 from fairtune import __version__, io
 from fairtune.data import DataOptions, DatasetInfo, DatasetSplits
 from fairtune.errors import UserError
+from fairtune.layout import Layout, TeacherRecord
 from fairtune.models import build_model
 
 
-@dataclass(frozen=True)
-class TeacherRecord:
-    weights: Path
-    metrics: Path
-
-
 def teacher_paths(results_dir: Path, dataset: str, seed: int) -> TeacherRecord:
-    folder = Path(results_dir) / dataset / "teachers"
-    return TeacherRecord(folder / f"seed{seed}.pt", folder / f"seed{seed}.json")
+    return Layout(results_dir, dataset).teacher(seed)
 
 
 def teacher_identity(options: DataOptions, info: DatasetInfo) -> dict:

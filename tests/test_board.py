@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from fairtune.cli import main
+from fairtune.layout import Layout
 from fairtune.tune import board
 from tests.fixtures.idx import write_fashion_mnist
 from tests.helpers import experiment, ledger
@@ -57,7 +58,7 @@ def test_final_board_writes_each_epoch_once_then_the_test_metrics(tmp_path):
             return taken
 
     final = board.FinalBoard(tmp_path, "fmnist-s", ("gray", "color"))
-    stale = board.final_run_dir(tmp_path, "fmnist-s", "hkd", 1) / "events.out.tfevents.0.old"
+    stale = Layout(tmp_path, "fmnist-s").final_tb("hkd", 1) / "events.out.tfevents.0.old"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"")
     final.start(TrainConfig(method="hkd", epochs=3, hyperparameters={"T": 4.0}), seed=1)
@@ -69,7 +70,7 @@ def test_final_board_writes_each_epoch_once_then_the_test_metrics(tmp_path):
     test = {"accuracy": 58.0, "deo_a": 6.0, "deo_m": 9.0, "loss": 1.4, "acc_matrix": [[61.0], [55.0]], "cell_counts": [[10], [10]]}
     final.finish("hkd", 1, {"epochs_run": 3, "history": history, "test": test})
 
-    run, _, hparams = read_run(board.final_run_dir(tmp_path, "fmnist-s", "hkd", 1))
+    run, _, hparams = read_run(Layout(tmp_path, "fmnist-s").final_tb("hkd", 1))
     assert hparams == {"dataset": "fmnist-s", "method": "hkd", "kind": "final", "seed": 1, "T": 4.0}
     assert curve(run, "val/accuracy") == [(1, 50.0), (2, 55.0), (3, 60.0)]
     assert curve(run, "val/group_acc/color") == [(1, 42.0), (2, 47.0), (3, 52.0)]

@@ -290,7 +290,8 @@ def test_training_steps_never_wait_for_the_gpu(method, data, teacher):
 
 
 def test_continuing_from_the_shared_hint_stage_equals_a_trial_of_its_own(data, teacher, tmp_path):
-    from fairtune.tune.trainable import TrialSpec, _start_after_hint_stage, hint_stage_file
+    from fairtune.layout import SearchDir
+    from fairtune.tune.trainable import TrialSpec, _start_after_hint_stage
 
     config = TrainConfig(method="fitnet", epochs=4, batch_size=64, eval_batch_size=100, hyperparameters={"T": 4.0})
     own = Trainer(config, data, teacher, DEVICE)
@@ -299,8 +300,8 @@ def test_continuing_from_the_shared_hint_stage_equals_a_trial_of_its_own(data, t
     shared = Trainer(config.with_hyperparameters({"T": 2.0}), data, teacher, DEVICE)  # the stage is trained with another T
     while shared.epoch < shared.hint_epochs:
         shared.run_epoch()
-    hint_stage_file(tmp_path).parent.mkdir(parents=True)
-    torch.save(shared.state_dict(), hint_stage_file(tmp_path))
+    SearchDir(tmp_path).hint_stage_state.parent.mkdir(parents=True)
+    torch.save(shared.state_dict(), SearchDir(tmp_path).hint_stage_state)
     torch.manual_seed(12345)  # the RNG must come from the stage's state, not from here
     trial = Trainer(config, data, teacher, DEVICE)
     spec = TrialSpec(config, data.options, "", str(tmp_path), 1)

@@ -321,9 +321,9 @@ def test_final_select_reruns_the_rules_trial_into_its_own_folder(ray_session, da
 def val_curve(results: Path, method: str, seed: int) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from fairtune.tune.board import final_run_dir
+    from fairtune.layout import Layout
 
-    run = EventAccumulator(str(final_run_dir(results, "fmnist-s", method, seed))).Reload()
+    run = EventAccumulator(str(Layout(results, "fmnist-s").final_tb(method, seed))).Reload()
     return [(e.step, e.value) for e in run.Scalars("val/accuracy")]
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from fairtune.layout import SearchDir
 from fairtune.spaces import SearchSpace
 from fairtune.tune.ledger import Ledger
 from tests.helpers import assert_search_consistent, epoch_runs, experiment
@@ -58,12 +59,12 @@ def test_a_multi_objective_study_is_told_both_values_and_never_intermediate_ones
     from fairtune.tune.cluster import prepare_environment
 
     prepare_environment(None)
-    from fairtune.tune.search import STUDY_FILE, _open_study, _ray_hooks, _reconcile
+    from fairtune.tune.search import _open_study, _ray_hooks, _reconcile
 
     space = SearchSpace("hkd", "T", "choice", values=(1, 2, 3, 4, 5, 10, 20), default=4)
     created = _open_study(tmp_path, space, "acc,deo_a", 0, "fmnist-s", grid=False)  # T=4 enqueued first
     assert [d.name for d in created.directions] == ["MAXIMIZE", "MINIMIZE"]
-    storage = f"sqlite:///{tmp_path / STUDY_FILE}"
+    storage = f"sqlite:///{SearchDir(tmp_path).study}"
     study = optuna.load_study(study_name="search", storage=storage, sampler=ScriptedSampler([4, 2]))
     ledger = Ledger.create(tmp_path, {})
     LedgerSearcher, _, _ = _ray_hooks()

@@ -117,12 +117,13 @@ def test_best_agrees_with_the_searchs_best_record(tmp_path):
         settings = SearchSettings(TrainConfig("mfd", epochs=3, objective=objective), DataOptions("fmnist-s"), tmp_path, tmp_path)
         record = best_record(trials, settings, space, 3, 1.0)
         chosen = select_trial(trials, BEST, objective)
-        assert record["trial_id"] == chosen["trial_id"] == "t002"  # 74 beats 70 and 70; t003 stopped
-        assert record["hyperparameters"]["lam"] == pytest.approx(chosen["lam"])
-        assert record["val"]["accuracy"] == 82 and record["objective"] == objective and record["mode"] == "max"
+        assert record.trial_id == chosen["trial_id"] == "t002"  # 74 beats 70 and 70; t003 stopped
+        assert record.hyperparameters["lam"] == pytest.approx(chosen["lam"])
+        assert record.val.accuracy == 82 and record.objective == objective and record.mode == "max"
+        assert ("scalarised" in record.to_json()) == (objective == "acc,deo_a")  # only a multi-objective search's
     # A multi-objective search's best.json also names its objectives and lists its Pareto set.
-    assert record["objectives"] == {"acc": "max", "deo_a": "min"} and record["scalarised"] == "acc-deo_a"
-    assert record["pareto_trials"] == ["t001", "t002"]  # t000 (80, 10) is beaten by t002 (82, 8)
+    assert record.objectives == {"acc": "max", "deo_a": "min"} and record.scalarised == "acc-deo_a"
+    assert record.pareto_trials == ["t001", "t002"]  # t000 (80, 10) is beaten by t002 (82, 8)
 
 
 # -- constrained ----------------------------------------------------------------------------------

@@ -39,26 +39,15 @@ from pathlib import Path
 from fairtune.data import DATASETS, DataOptions
 from fairtune.engine import TrainConfig
 from fairtune.hyperparameters import HYPERPARAMETERS
+from fairtune.layout import Layout, SearchDir
 from fairtune.methods import all_method_names, get_method
 from fairtune.metrics import DEFAULT_OBJECTIVE, objective_value
-from fairtune.selection import BEST, Rule, final_dir
+from fairtune.selection import BEST, Rule
 from fairtune.tune.ledger import TRIAL_KEY, Ledger
 
-TB_FOLDER = "tb"
 SEARCH, FINAL = "search", "final"
 # Selection-split metric -> tag; these four lead the HParams table (its first columns are ticked).
 VAL_TAGS = {"accuracy": "val/accuracy", "deo_a": "val/deo_a", "deo_m": "val/deo_m", "objective": "val/objective", "loss": "val/loss"}
-
-
-def search_run_dir(experiment_dir: str | Path, trial_id: str, parameter: str | None, value: float | None) -> Path:
-    """``search/<M>/tb/t000 lam=3``: short enough for the sidebar, and says which trial it is."""
-    name = f"{trial_id} {parameter}={value:.4g}" if parameter and value is not None else trial_id
-    return Path(experiment_dir) / TB_FOLDER / name
-
-
-def final_run_dir(results_dir: str | Path, dataset: str, method: str, seed: int, rule: Rule = BEST) -> Path:
-    """Beside the run's record, in the folder of the selection rule that chose its config."""
-    return final_dir(results_dir, dataset, rule) / method / TB_FOLDER / f"seed{seed}"
 
 
 def _experiment_pb():
@@ -196,7 +185,7 @@ def search_callback(ledger: Ledger, experiment_dir: Path, base_config: TrainConf
             if trial_id not in self.runs:
                 value = trial.config.get(parameter) if parameter else None
                 hyper = {**base_config.hyperparameters, **{k: v for k, v in trial.config.items() if k != TRIAL_KEY}}
-                folder = search_run_dir(experiment_dir, trial_id, parameter, value)
+                folder = SearchDir(experiment_dir).tb_run(trial_id, parameter, value)
                 hparams = _session_hparams(data.dataset, base_config.method, SEARCH, data.seed, hyper)
                 self.runs[trial_id] = RunWriter(folder, hparams, f"{base_config.method} {folder.name}")
             return self.runs[trial_id]
@@ -249,7 +238,7 @@ class FinalBoard:
     def start(self, config, seed: int) -> None:
         """A run that starts now trains from its first epoch: an older run of it (interrupted,
         or replaced by --force) is cleared."""
-        folder = final_run_dir(self.results_dir, self.dataset, config.method, seed, self.rule)
+        folder = Layout(self.results_dir, self.dataset).final_tb(config.method, seed, self.rule)
         shutil.rmtree(folder, ignore_errors=True)
         hparams = _session_hparams(self.dataset, config.method, FINAL, seed, config.hyperparameters)
         kind = "final" if self.rule == BEST else f"final ({self.rule.text})"
@@ -285,6 +274,5 @@ class FinalBoard:
 
 
 __all__ = [
-    "FinalBoard", "RunWriter", "TB_FOLDER", "epoch_scalars", "final_run_dir", "search_callback", "search_run_dir",
-    "test_scalars", "tune_loggers",
+    "FinalBoard", "RunWriter", "epoch_scalars", "search_callback", "test_scalars", "tune_loggers",
 ]

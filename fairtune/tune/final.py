@@ -33,11 +33,12 @@ from fairtune.data import DataOptions, dataset_info, load_dataset
 from fairtune.engine import TrainConfig, training_protocol
 from fairtune.errors import UserError
 from fairtune.hyperparameters import HYPERPARAMETERS
+from fairtune.layout import Layout
 from fairtune.methods import get_method, in_paper_order
 from fairtune.metrics import DEFAULT_OBJECTIVE, parse_objective
-from fairtune.records import ANY_RECORD, BEST_CONFIG, problem, read_record
-from fairtune.runs import best_config_path, check_batches
-from fairtune.selection import BEST, Rule, final_dir, select_trial
+from fairtune.records import ANY_RECORD, BestConfig, problem, read_best
+from fairtune.runs import check_batches
+from fairtune.selection import BEST, Rule, select_trial
 from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
 
 Printer = Callable[[str], None]
@@ -97,20 +98,17 @@ class FinalPlan:
 
 
 def final_path(results_dir: Path, dataset: str, method: str, seed: int, rule: Rule = BEST) -> Path:
-    return final_dir(results_dir, dataset, rule) / method / f"seed{seed}.json"
+    return Layout(results_dir, dataset).final_run(method, seed, rule)
 
 
-def _read_best(results_dir: Path, dataset: str, method: str) -> dict | None:
-    path = best_config_path(results_dir, dataset, method)
-    if not path.exists():
-        return None
-    redo = f"rerun `fairtune search --method {method} --dataset {dataset}`, or delete the file"
-    return read_record(path, BEST_CONFIG, redo)
+def _read_best(results_dir: Path, dataset: str, method: str) -> BestConfig | None:
+    layout = Layout(results_dir, dataset)
+    return read_best(layout, method) if layout.search(method).best.exists() else None
 
 
 def _read_trials(settings: FinalSettings, method: str) -> pd.DataFrame:
     """The search's trials.csv, with what the rule reads; UserError (one line) otherwise."""
-    path = best_config_path(settings.results_dir, settings.dataset, method).with_name("trials.csv")
+    path = Layout(settings.results_dir, settings.dataset).search(method).trials_csv
     redo = f"rerun `fairtune search --method {method} --dataset {settings.dataset}`, or use --select best"
     if not path.exists():
         raise UserError(f"--select {settings.rule.text} needs the trials of the {method} search, and {path} is missing; {redo}")
@@ -126,22 +124,23 @@ def _read_trials(settings: FinalSettings, method: str) -> pd.DataFrame:
     return trials
 
 
-def _chosen_config(settings: FinalSettings, method: str, best: dict | None) -> tuple[dict, dict]:
+def _chosen_config(settings: FinalSettings, method: str, best: BestConfig | None) -> tuple[dict, dict]:
     """(hyperparameters, selection record) of the config ``settings.rule`` picks for ``method``."""
     rule = settings.rule
     if best is None:  # nothing searched (the teachers, or a method without hyperparameters): one config
         return {}, {"rule": rule.text, "trial_id": None, "val": None}
     if rule == BEST:
-        val = best.get("val") or {}
-        return best["hyperparameters"], {"rule": rule.text, "trial_id": best.get("trial_id"), "val": {k: val.get(k) for k in VAL_KEYS}}
-    path = best_config_path(settings.results_dir, settings.dataset, method)
-    objective = best.get("objective") or (best.get("settings") or {}).get("train", {}).get("objective") or DEFAULT_OBJECTIVE
+        val = {k: getattr(best.val, k, None) for k in VAL_KEYS}  # None: the record has none (or lacks deo_m)
+        return best.hyperparameters, {"rule": rule.text, "trial_id": best.trial_id, "val": val}
+    path = Layout(settings.results_dir, settings.dataset).search(method).best
+    trained = (best.settings.train if best.settings else None) or {}
+    objective = best.objective or trained.get("objective") or DEFAULT_OBJECTIVE
     try:
         objective = parse_objective(str(objective)).text
     except ValueError as exc:
         raise UserError(f"{path}: {exc}; rerun `fairtune search --method {method} --dataset {settings.dataset}`") from None
     row = select_trial(_read_trials(settings, method), rule, objective, where=f"the {method} search")
-    hyper = dict(best["hyperparameters"])
+    hyper = dict(best.hyperparameters)
     searched = get_method(method).searched
     if searched:
         hyper[searched] = float(row[searched])
@@ -153,8 +152,9 @@ def chosen_methods(settings: FinalSettings) -> list[str]:
     """The named methods, else every method with a best config plus `scratch` (the teachers)."""
     if settings.methods:
         return in_paper_order(get_method(name).name for name in settings.methods)
-    folder = Path(settings.results_dir) / settings.dataset / "search"
-    searched = [p.parent.name for p in folder.glob("*/best.json")]
+    layout = Layout(settings.results_dir, settings.dataset)
+    folder = layout.search_root
+    searched = [search.method for search in layout.searches() if search.best.exists()]
     if not searched:
         raise UserError(
             f"no best configs in {folder}; run a search first, e.g. "
@@ -163,17 +163,17 @@ def chosen_methods(settings: FinalSettings) -> list[str]:
     return in_paper_order([*searched, "scratch"])
 
 
-def _protocol(settings: FinalSettings, bests: dict[str, dict]) -> tuple[dict, dict]:
+def _protocol(settings: FinalSettings, bests: dict[str, BestConfig]) -> tuple[dict, dict]:
     """Training and data settings shared by every run: the searches' (which must agree), then flags."""
     train_names = [f.name for f in fields(TrainConfig) if f.name not in ("method", "hyperparameters")]
     data_names = [f.name for f in fields(DataOptions) if f.name not in PER_SEED_DATA_FIELDS]
     resolved: list[dict] = []
     for names, part, overrides in ((train_names, "train", settings.train_overrides), (data_names, "data", settings.data_overrides)):
         values = {}
+        recorded = {m: getattr(b.settings, part) for m, b in bests.items() if b.settings and getattr(b.settings, part) is not None}
         for name in names:
             if name == "extra":  # dataset options, one by one: a flag replaces its own option only
                 given = overrides.get("extra", {})
-                recorded = {m: b["settings"][part] for m, b in bests.items() if part in b.get("settings", {})}
                 # A record without "extra" had no dataset options (the fingerprint leaves it out then).
                 seen = {m: {k: v for k, v in data.get("extra", {}).items() if k not in given} for m, data in recorded.items()}
                 flag = "the dataset option flags"
@@ -181,7 +181,7 @@ def _protocol(settings: FinalSettings, bests: dict[str, dict]) -> tuple[dict, di
                 values[name] = overrides[name]
                 continue
             else:
-                seen = {m: b["settings"][part][name] for m, b in bests.items() if name in b.get("settings", {}).get(part, {})}
+                seen = {m: recorded[m][name] for m in recorded if name in recorded[m]}
                 flag = f"--{name.replace('_', '-')}"
             if len(set(json.dumps(v, sort_keys=True) for v in seen.values())) > 1:
                 shown = ", ".join(f"{m}: {v}" for m, v in seen.items())
@@ -224,7 +224,7 @@ def plan_final(settings: FinalSettings) -> FinalPlan:
         method = get_method(name)
         if name not in bests and method.params:
             search = f"fairtune search --method {name} --dataset {settings.dataset}"
-            raise UserError(f"{name} has no best config ({best_config_path(settings.results_dir, settings.dataset, name)}); run `{search}` first")
+            raise UserError(f"{name} has no best config ({Layout(settings.results_dir, settings.dataset).search(name).best}); run `{search}` first")
         hyper, selection = _chosen_config(settings, name, bests.get(name))
         config = TrainConfig(method=name, **train, hyperparameters=hyper)
         todo, done = [], []

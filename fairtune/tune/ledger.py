@@ -22,9 +22,9 @@ import pandas as pd
 
 from fairtune import io
 from fairtune.errors import UserError
+from fairtune.layout import SearchDir
 from fairtune.metrics import objective_mode
 
-LEDGER_FILE = "ledger.json"
 # The config key that carries fairtune's trial id (t000 ...) into the trial; not a hyperparameter.
 TRIAL_KEY = "fairtune_trial"
 FORMAT = 1
@@ -71,13 +71,13 @@ class Ledger:
     # -- persistence ----------------------------------------------------------------------------
     @classmethod
     def create(cls, folder: Path, settings: dict) -> "Ledger":
-        ledger = cls(Path(folder) / LEDGER_FILE, settings, sessions=1)
+        ledger = cls(SearchDir(folder).ledger, settings, sessions=1)
         ledger.save()
         return ledger
 
     @classmethod
     def load(cls, folder: Path) -> "Ledger":
-        path = Path(folder) / LEDGER_FILE
+        path = SearchDir(folder).ledger
         try:
             raw = json.loads(path.read_text())
             if not isinstance(raw, dict) or raw.get("format") != FORMAT:

@@ -26,16 +26,16 @@ from typing import Callable
 
 from fairtune import io
 from fairtune.errors import UserError
+from fairtune.layout import Layout, SearchDir
 from fairtune.methods import get_method, in_paper_order
-from fairtune.runs import best_config_path, resolve_hyperparameters
+from fairtune.records import BestConfig
+from fairtune.runs import resolve_hyperparameters
 from fairtune.teachers import teacher_paths
 from fairtune.tune.final import FinalSettings, final_path, plan_final
-from fairtune.tune.ledger import FINISHED, LEDGER_FILE, STOPPED, Ledger
+from fairtune.tune.ledger import FINISHED, STOPPED, Ledger
 from fairtune.tune.search import SearchSettings, search_status
 
 Printer = Callable[[str], None]
-LOG_FILE = "protocol.log"  # every line the searches and finals print, with the time and the method
-SUMMARY_FILE = "protocol.json"  # the last run's timings and slot use
 WAITING, RUNNING, DONE, FAILED = "waiting", "running", "done", "failed"
 
 
@@ -51,8 +51,8 @@ class ProtocolSettings:
         return self.search.data.dataset
 
     @property
-    def folder(self) -> Path:
-        return Path(self.search.results_dir) / self.dataset
+    def layout(self) -> Layout:
+        return Layout(self.search.results_dir, self.dataset)
 
 
 def check_methods(names: list[str], dataset: str, given: dict, results_dir: Path) -> tuple[str, ...]:
@@ -64,7 +64,7 @@ def check_methods(names: list[str], dataset: str, given: dict, results_dir: Path
     methods = in_paper_order(get_method(name).name for name in names)
     for name in methods:
         for param, source in get_method(name).fixed_from:
-            if given.get(param) is None and source not in methods and not best_config_path(results_dir, dataset, source).exists():
+            if given.get(param) is None and source not in methods and not Layout(results_dir, dataset).search(source).best.exists():
                 flag = "--" + param.replace("_", "-")
                 raise UserError(
                     f"{name} takes {param} from the best {source} config, but {source} is not in --method and has not been "
@@ -83,7 +83,7 @@ def search_settings(settings: ProtocolSettings, method: str) -> SearchSettings:
         hyper.pop(searched)
     base = replace(template.base, method=method, hyperparameters=hyper)
     draft = replace(template, base=base)
-    return replace(draft, resume=(draft.experiment_dir / LEDGER_FILE).exists())
+    return replace(draft, resume=SearchDir(draft.experiment_dir).ledger.exists())
 
 
 # -- the jobs: driver functions run in tasks pinned to this machine ---------------------------------
@@ -105,7 +105,7 @@ def _teacher_job(search: SearchSettings, log: str) -> None:
     teacher_state(search, _logger(log, f"teacher seed {search.data.seed}"))
 
 
-def _search_job(search: SearchSettings, log: str) -> dict:
+def _search_job(search: SearchSettings, log: str) -> BestConfig:
     from fairtune.tune.search import run_search
 
     return run_search(search, _logger(log, f"search {search.base.method}"))
@@ -182,7 +182,7 @@ class Protocol:
         self.rows = {m: MethodProgress(m) for m in settings.methods}
         self.searches: dict[str, SearchSettings] = {}
         self.failures: list[str] = []
-        self.log = str(settings.folder / LOG_FILE)
+        self.log = str(settings.layout.protocol_log)
         self.started = time.monotonic()
         self.busy_samples: list[float] = []
         self.epochs_at_start = 0
@@ -246,7 +246,7 @@ class Protocol:
         self._refresh_rows()
         status = self.status()
         self.show(status)
-        io.write_json(settings.folder / SUMMARY_FILE, {
+        io.write_json(settings.layout.protocol_summary, {
             "methods": list(settings.methods), "seeds": list(settings.final.seeds),
             "seconds": round(status.elapsed, 1), "slot_use": self.slot_use(),
             "failures": self.failures,
@@ -278,7 +278,7 @@ class Protocol:
         self.searches[method] = search
         if search_status(search) == "done":
             row.search = DONE
-            self.say(f"search {method}: done before ({search.experiment_dir / 'best.json'})")
+            self.say(f"search {method}: done before ({SearchDir(search.experiment_dir).best})")
             return
         row.search = RUNNING
         pending[search_job.remote(search, self.log)] = ("search", method)
@@ -308,8 +308,8 @@ class Protocol:
             self.say(f"teacher seed {key}: done")
         elif kind == "search":
             self.rows[key].search = DONE
-            hyper = ", ".join(f"{k}={v:g}" for k, v in result["hyperparameters"].items()) or "no hyperparameters"
-            self.say(f"search {key}: done, best {hyper} ({result['objective']} {result['objective_value']:.2f})")
+            hyper = ", ".join(f"{k}={v:g}" for k, v in result.hyperparameters.items()) or "no hyperparameters"
+            self.say(f"search {key}: done, best {hyper} ({result.objective} {result.objective_value:.2f})")
         else:
             row = self.rows[key]
             row.final = FAILED if result else DONE
@@ -324,7 +324,7 @@ class Protocol:
         for method, row in self.rows.items():
             folder = replace(template, base=replace(template.base, method=method)).experiment_dir
             total = replace(template.base, method=method).total_epochs
-            if (folder / LEDGER_FILE).exists():
+            if SearchDir(folder).ledger.exists():
                 _read_search(row, folder, total, objective_mode(template.base.objective))
             elif row.trials_planned == 0:
                 planned = template.num_samples if get_method(method).searched else 1

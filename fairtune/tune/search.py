@@ -32,24 +32,24 @@ from fairtune import io
 from fairtune.data import DataOptions, dataset_info
 from fairtune.engine import TrainConfig
 from fairtune.errors import UserError
+from fairtune.layout import HINT_STAGE, TUNE_FOLDER, Layout, SearchDir
 from fairtune.methods import get_method
 from fairtune.metrics import objective_mode, parse_objective
+from fairtune.records import BestConfig, BestSettings, ValMetrics
 from fairtune.schedule import asha_plan
 from fairtune.selection import BEST, pareto_set, select_trial
 from fairtune.spaces import SPACES_DIR, SearchSpace, load_space
 from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
 from fairtune.tune.cluster import check_resources, connect
 from fairtune.tune.ledger import (
-    COMPLETED, ERROR, FINISHED, LEDGER_FILE, RUNNING, STOPPED, TRIAL_KEY, Ledger, TrialRecord, differences, trials_table,
+    COMPLETED, ERROR, FINISHED, RUNNING, STOPPED, TRIAL_KEY, Ledger, TrialRecord, differences, trials_table,
 )
 from fairtune.tune.tasks import train_teacher_task
 
 Printer = Callable[[str], None]
-STUDY_FILE, STUDY_NAME = "optuna.db", "search"
+STUDY_NAME = "search"
 OBJECTIVE_ATTR = "objective"  # the study's user attribute naming the --objective it was created for
-PARETO_FILE = "pareto.csv"
 MAX_REPEATS = 50  # proposals in a row that repeat a trained config before one is picked by hand
-TUNE_FOLDER = "tune"  # Ray Tune's own files (a fresh experiment per driver session: trial folders, TensorBoard)
 
 
 class SearchInterrupted(Exception):
@@ -76,7 +76,7 @@ class SearchSettings:
 
     @property
     def experiment_dir(self) -> Path:
-        return (Path(self.results_dir) / self.data.dataset / "search" / self.base.method).resolve()
+        return Layout(self.results_dir, self.data.dataset).search(self.base.method).path.resolve()
 
 
 
@@ -108,10 +108,9 @@ def _shared_hint_stage(settings: SearchSettings, space: SearchSpace, teacher_sta
     import ray
 
     from fairtune.tune.tasks import hint_stage_task
-    from fairtune.tune.trainable import hint_stage_file, trial_folder
 
-    folder = settings.experiment_dir
-    target = hint_stage_file(folder)
+    folder = SearchDir(settings.experiment_dir)
+    target = folder.hint_stage_state
     if target.exists():
         return
     say(f"hint stage: training FitNet's stage 1 ({settings.base.hint_epochs} epochs) once, for every trial to continue from")
@@ -119,7 +118,7 @@ def _shared_hint_stage(settings: SearchSettings, space: SearchSpace, teacher_sta
     task = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)(hint_stage_task)
     state = ray.get(task.remote(
         config, settings.data, str(Path(settings.data_dir).resolve()), settings.device, settings.cpus_per_trial,
-        teacher_state, str(trial_folder(folder, "hint-stage") / "epochs.jsonl"),
+        teacher_state, str(folder.epoch_log(HINT_STAGE)),
     ))
     io.save_torch(target, state)
 
@@ -134,7 +133,7 @@ def _open_study(folder: Path, space: SearchSpace, objective: str, seed: int, dat
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / STUDY_FILE}")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{SearchDir(folder).study}")
     existed = bool(optuna.study.get_all_study_names(storage))
     goal = parse_objective(objective)
     directions = ["maximize" if d == "max" else "minimize" for d in goal.directions]
@@ -378,9 +377,7 @@ def _ray_hooks():
 
 def _failure_reason(experiment_dir: Path, trial_id: str, error_file: str | Path | None) -> str:
     """The recorded non-finite reason, else the last line of Tune's error file."""
-    from fairtune.tune.trainable import failure_marker
-
-    marker = failure_marker(experiment_dir, trial_id)
+    marker = SearchDir(experiment_dir).failure_marker(trial_id)
     if marker.exists():
         return marker.read_text().strip()
     path = Path(error_file) if error_file else None
@@ -429,7 +426,7 @@ def _resumable_ledger(settings: SearchSettings, identity: dict) -> Ledger:
 def _open_ledger(settings: SearchSettings, identity: dict, planned: int, say: Printer) -> Ledger:
     """The ledger of the search being resumed, or of a new one."""
     folder = settings.experiment_dir
-    if (folder / LEDGER_FILE).exists():
+    if SearchDir(folder).ledger.exists():
         ledger = _resumable_ledger(settings, identity)
         ledger.begin_session()
         done = sum(t.status in FINISHED for t in ledger.trials)
@@ -458,22 +455,23 @@ def _search_plan(settings: SearchSettings):
 def search_status(settings: SearchSettings) -> str:
     """``new``, ``unfinished`` or ``done`` (its best config written); UserError when the recorded
     search was run with other settings (a resume would be refused)."""
-    folder = settings.experiment_dir
-    if not (folder / LEDGER_FILE).exists():
+    folder = SearchDir(settings.experiment_dir)
+    if not folder.ledger.exists():
         return "new"
     *_, num_samples, identity = _search_plan(settings)
     ledger = _resumable_ledger(replace(settings, resume=True), identity)
-    return "done" if ledger.complete(num_samples) and (folder / "best.json").exists() else "unfinished"
+    return "done" if ledger.complete(num_samples) and folder.best.exists() else "unfinished"
 
 
-def run_search(settings: SearchSettings, say: Printer = print) -> dict:
-    """Run (or resume) the search; returns the content written to ``best.json``."""
+def run_search(settings: SearchSettings, say: Printer = print) -> BestConfig:
+    """Run (or resume) the search; returns the best config it wrote to ``best.json``."""
     method = get_method(settings.base.method)
     space, rungs, grid, num_samples, identity = _search_plan(settings)
     folder = settings.experiment_dir
+    files = SearchDir(folder)
     mode = objective_mode(settings.base.objective)
     epochs = settings.base.total_epochs
-    if (folder / LEDGER_FILE).exists():
+    if files.ledger.exists():
         _resumable_ledger(settings, identity)  # refused before Ray starts
 
     resources = connect(settings.address)
@@ -494,7 +492,7 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
     from ray import tune
 
     from fairtune.tune import board
-    from fairtune.tune.trainable import TrialSpec, hint_stage_file, run_trial
+    from fairtune.tune.trainable import TrialSpec, run_trial
 
     LedgerSearcher, LedgerASHA, LedgerCallback = _ray_hooks()
     spec = TrialSpec(
@@ -543,18 +541,18 @@ def run_search(settings: SearchSettings, say: Printer = print) -> dict:
             "rerun the same command with --resume to continue"
         )
     trials = trials_table(ledger, space.parameter, settings.base.objective)
-    io.write_text(folder / "trials.csv", trials.to_csv(index=False))
+    io.write_text(files.trials_csv, trials.to_csv(index=False))
     if parse_objective(settings.base.objective).multi:
-        io.write_text(folder / PARETO_FILE, pareto_table(trials, space.parameter, settings.base.objective).to_csv(index=False))
-    shared = settings.base.hint_epochs if hint_stage_file(folder).exists() else 0
+        io.write_text(files.pareto_csv, pareto_table(trials, space.parameter, settings.base.objective).to_csv(index=False))
+    shared = settings.base.hint_epochs if files.hint_stage_state.exists() else 0
     best = best_record(trials, settings, space, epochs, ledger.seconds)
-    best["budget"].update(
-        grid=grid, repeats_not_trained=len(ledger.repeats),
+    best = replace(best, budget=dict(
+        best.budget, grid=grid, repeats_not_trained=len(ledger.repeats),
         # Every trial that reached stage 2 continued from the one shared hint stage.
         epochs_computed=int(trials["epochs_run"].sum()) - shared * max(int((trials["epochs_run"] >= shared).sum()) - 1, 0)
         if shared else int(trials["epochs_run"].sum()),
-    )
-    io.write_json(folder / "best.json", best)
+    ))
+    io.write_json(files.best, best.to_json())
     return best
 
 
@@ -570,53 +568,53 @@ def pareto_table(trials: pd.DataFrame, parameter: str | None, objective: str) ->
     return pareto_set(trials, objective)[columns]
 
 
-def best_record(trials: pd.DataFrame, settings: SearchSettings, space: SearchSpace, epochs: int, seconds: float) -> dict:
+def best_record(trials: pd.DataFrame, settings: SearchSettings, space: SearchSpace, epochs: int, seconds: float) -> BestConfig:
     """The chosen config: the ``best`` rule (fairtune.selection): best final-epoch objective among
     trials that ran every epoch (docs/protocol.md §6 reports the model after the last epoch), else among all
     trials that reported anything."""
     goal = parse_objective(settings.base.objective)
     if "final_objective" not in trials or trials["final_objective"].isna().all():
         raise UserError(
-            f"every trial of the {settings.base.method} search failed (see {settings.experiment_dir / 'trials.csv'}); "
+            f"every trial of the {settings.base.method} search failed (see {SearchDir(settings.experiment_dir).trials_csv}); "
             "check the errors there, e.g. lower the λ range or --lr"
         )
     row = select_trial(trials, BEST, goal.text)
     hyper = dict(settings.base.hyperparameters)
     if space.parameter:
         hyper[space.parameter] = float(row[space.parameter])
-    return {
-        "method": settings.base.method,
-        "dataset": settings.data.dataset,
-        "hyperparameters": hyper,
-        "searched": space.parameter,
-        "objective": settings.base.objective,
-        "mode": goal.mode,
-        "objective_value": float(row["final_objective"]),
-        **({
-            "objectives": dict(zip(goal.metrics, goal.directions)),
-            "scalarised": goal.scalar_text,  # what objective_value, ASHA's rungs and this pick compare
-            "pareto_trials": pareto_set(trials, goal.text)["trial_id"].tolist(),
-        } if goal.multi else {}),
-        "val": {
-            "accuracy": float(row["final_accuracy"]),
-            "deo_a": float(row["final_deo_a"]),
-            "deo_m": float(row["final_deo_m"]),
-            "acc_matrix": json.loads(row["final_acc_matrix"]) if row.get("final_acc_matrix") else None,
-            "epoch": int(row["epochs_run"]),
-        },
-        "trial_id": row["trial_id"],
-        "selection_split": settings.data.select_on,
-        "budget": {
+    return BestConfig(
+        method=settings.base.method,
+        dataset=settings.data.dataset,
+        hyperparameters=hyper,
+        searched=space.parameter,
+        objective=settings.base.objective,
+        mode=goal.mode,
+        objective_value=float(row["final_objective"]),
+        **(dict(
+            objectives=dict(zip(goal.metrics, goal.directions)),
+            scalarised=goal.scalar_text,  # what objective_value, ASHA's rungs and this pick compare
+            pareto_trials=pareto_set(trials, goal.text)["trial_id"].tolist(),
+        ) if goal.multi else {}),
+        val=ValMetrics(
+            accuracy=float(row["final_accuracy"]),
+            deo_a=float(row["final_deo_a"]),
+            deo_m=float(row["final_deo_m"]),
+            acc_matrix=json.loads(row["final_acc_matrix"]) if row.get("final_acc_matrix") else None,
+            epoch=int(row["epochs_run"]),
+        ),
+        trial_id=row["trial_id"],
+        selection_split=settings.data.select_on,
+        budget={
             "trials": int(len(trials)),
             "epochs_run": int(trials["epochs_run"].sum()),
             "epochs_if_no_early_stopping": int(len(trials) * epochs),
             "failed_trials": int((trials["status"] == "ERROR").sum()),
             "seconds": round(seconds, 1),
         },
-        "settings": {
-            "epochs": settings.base.epochs,
-            "num_samples": settings.num_samples,
-            "data": settings.data.fingerprint(),
-            "train": settings.base.record(),
-        },
-    }
+        settings=BestSettings(
+            epochs=settings.base.epochs,
+            num_samples=settings.num_samples,
+            data=settings.data.fingerprint(),
+            train=settings.base.record(),
+        ),
+    )

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from ray import tune
@@ -29,38 +27,12 @@ from ray import tune
 from fairtune import io
 from fairtune.data import DataOptions, load_dataset
 from fairtune.engine import NonFiniteLoss, Trainer, TrainConfig
+from fairtune.layout import SearchDir
 from fairtune.teachers import teacher_model
 from fairtune.tune.ledger import TRIAL_KEY
 from fairtune.tune.tasks import node_identity, task_device
 
-TRIALS_FOLDER = "trials"
-_STATE = re.compile(r"state-(\d+)\.pt")
 KEEP_STATES = 2
-
-
-def trial_folder(experiment_dir: str | Path, trial_id: str) -> Path:
-    return Path(experiment_dir) / TRIALS_FOLDER / trial_id
-
-
-def epoch_log(experiment_dir: str | Path, trial_id: str) -> Path:
-    """One JSON line per epoch actually run, recomputed ones included: proof of what ran."""
-    return trial_folder(experiment_dir, trial_id) / "epochs.jsonl"
-
-
-def failure_marker(experiment_dir: str | Path, trial_id: str) -> Path:
-    return trial_folder(experiment_dir, trial_id) / "nonfinite.txt"
-
-
-def hint_stage_file(experiment_dir: str | Path) -> Path:
-    """FitNet's stage 1, trained once per search (see search._shared_hint_stage)."""
-    return Path(experiment_dir) / TRIALS_FOLDER / "hint-stage" / "state.pt"
-
-
-def state_files(experiment_dir: str | Path, trial_id: str) -> list[Path]:
-    """The trial's saved states, oldest epoch first."""
-    folder = trial_folder(experiment_dir, trial_id)
-    found = [(int(m.group(1)), p) for p in folder.glob("state-*.pt") if (m := _STATE.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
 
 
 @dataclass(frozen=True)
@@ -89,14 +61,14 @@ def flat_metrics(metrics: dict, group_names: tuple[str, ...]) -> dict:
 
 
 def _save_state(spec: TrialSpec, trial_id: str, trainer: Trainer) -> None:
-    folder = trial_folder(spec.experiment_dir, trial_id)
-    io.save_torch(folder / f"state-{trainer.epoch:04d}.pt", trainer.state_dict())
-    for old in state_files(spec.experiment_dir, trial_id)[:-KEEP_STATES]:
+    folder = SearchDir(spec.experiment_dir)
+    io.save_torch(folder.state_file(trial_id, trainer.epoch), trainer.state_dict())
+    for old in folder.state_files(trial_id)[:-KEEP_STATES]:
         old.unlink(missing_ok=True)
 
 
 def _load_newest_state(spec: TrialSpec, trial_id: str, trainer: Trainer) -> bool:
-    for path in reversed(state_files(spec.experiment_dir, trial_id)):
+    for path in reversed(SearchDir(spec.experiment_dir).state_files(trial_id)):
         try:
             state = io.load_torch(path)
         except (OSError, RuntimeError, EOFError):
@@ -109,7 +81,7 @@ def _load_newest_state(spec: TrialSpec, trial_id: str, trainer: Trainer) -> bool
 def _start_after_hint_stage(spec: TrialSpec, trainer: Trainer, sampled: dict) -> None:
     """Continue from the search's shared hint stage (identical for every T, see tasks.hint_stage_task):
     the state equals the one this trial would reach itself, but for the sampled values it records."""
-    state = io.load_torch(hint_stage_file(spec.experiment_dir))
+    state = io.load_torch(SearchDir(spec.experiment_dir).hint_stage_state)
     mine = trainer.config.record()
     differing = [k for k, v in state["config"].items() if k not in sampled and mine.get(k) != v]
     if differing:
@@ -121,14 +93,15 @@ def run_trial(config: dict, spec: TrialSpec, teacher_state: dict | None = None) 
     torch.set_num_threads(max(1, spec.cpus))
     config = dict(config)
     trial_id = config.pop(TRIAL_KEY)
-    failure = failure_marker(spec.experiment_dir, trial_id)
+    folder = SearchDir(spec.experiment_dir)
+    failure = folder.failure_marker(trial_id)
     if failure.exists():
         raise NonFiniteLoss(failure.read_text().strip())
 
     data = load_dataset(spec.data, spec.data_dir)
     teacher = teacher_model(teacher_state, data.info) if teacher_state is not None else None
     trainer = Trainer(spec.base.with_hyperparameters(config), data, teacher, task_device(spec.device))
-    if not _load_newest_state(spec, trial_id, trainer) and trainer.hint_epochs and hint_stage_file(spec.experiment_dir).exists():
+    if not _load_newest_state(spec, trial_id, trainer) and trainer.hint_epochs and folder.hint_stage_state.exists():
         _start_after_hint_stage(spec, trainer, config)
     node = node_identity()
     for metrics in trainer.history:  # idempotent in the ledger; ASHA skips rungs it has recorded
@@ -142,7 +115,7 @@ def run_trial(config: dict, spec: TrialSpec, teacher_state: dict | None = None) 
             failure.write_text(str(exc) + "\n")
             raise
         metrics["node"] = node  # into the trainer's history, saved with the state below
-        log = epoch_log(spec.experiment_dir, trial_id)
+        log = folder.epoch_log(trial_id)
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as handle:
             handle.write(json.dumps({"epoch": metrics["epoch"], "pid": os.getpid()}) + "\n")

@@ -21,9 +21,9 @@ import pytest
 from fairtune import io
 from fairtune.cli import main
 from fairtune.data import DataOptions, dataset_info
+from fairtune.layout import SearchDir
 from fairtune.models import build_model
 from fairtune.teachers import save_teacher, teacher_identity, teacher_paths
-from fairtune.tune.trainable import state_files
 from tests.helpers import (
     Driver, assert_one_line_error, assert_search_consistent, epoch_runs, experiment, ledger, ledger_trials, read_trials,
 )
@@ -122,7 +122,7 @@ def test_a_killed_trial_worker_resumes_from_its_last_state(ray_session, fmnist_d
         # The moment: the worker has saved epoch 1's state and is inside epoch 2.
         while not stop.is_set():
             runs = epoch_runs(folder, "t000")
-            if runs and state_files(folder, "t000"):
+            if runs and SearchDir(folder).state_files("t000"):
                 seen.update(pid=runs[-1]["pid"], logged=[r["epoch"] for r in runs])
                 os.kill(runs[-1]["pid"], signal.SIGKILL)
                 return
@@ -146,9 +146,9 @@ def test_a_killed_trial_worker_resumes_from_its_last_state(ray_session, fmnist_d
     runs = epoch_runs(folder, "t000")
     assert [r["epoch"] for r in runs if r["pid"] == seen["pid"]] == [1]
     assert [r["epoch"] for r in runs if r["pid"] != seen["pid"]] == list(range(2, SS_EPOCHS + 1))  # from the epoch-1 state
-    state = io.load_torch(state_files(folder, "t000")[-1])
+    state = io.load_torch(SearchDir(folder).state_files("t000")[-1])
     assert [m["epoch"] for m in json.loads(state["history"])] == list(range(1, SS_EPOCHS + 1))  # no gap, no repeat
-    assert [p.name for p in state_files(folder, "t000")] == [f"state-{e:04d}.pt" for e in (SS_EPOCHS - 1, SS_EPOCHS)]  # newest two
+    assert [p.name for p in SearchDir(folder).state_files("t000")] == [f"state-{e:04d}.pt" for e in (SS_EPOCHS - 1, SS_EPOCHS)]  # newest two
 
 
 def test_ctrl_c_stops_cleanly_and_resume_finishes(ray_session, fmnist_dir, tmp_path, capsys):

@@ -17,6 +17,7 @@ import fairtune
 from fairtune.cli import main
 from fairtune.data import DataOptions, fmnist
 from fairtune.engine import TrainConfig
+from fairtune.layout import SearchDir
 from fairtune.teachers import teacher_paths
 from fairtune.tune import trainable
 from tests.helpers import assert_one_line_error, snapshot
@@ -61,7 +62,7 @@ def test_a_malicious_teacher_file_is_refused_and_runs_nothing(command, fmnist_di
 def test_a_malicious_trial_state_is_refused_and_runs_nothing(fmnist_dir, tmp_path, monkeypatch):
     """The trainable's restore path (a retried or resumed trial), driven without Ray: Tune's session is faked."""
     marker = tmp_path / "pwned"
-    write_malicious(trainable.trial_folder(tmp_path, "t000") / "state-0001.pt", marker, lambda evil: {"epoch": 1, "student": evil})
+    write_malicious(SearchDir(tmp_path).state_file("t000", 1), marker, lambda evil: {"epoch": 1, "student": evil})
     session = SimpleNamespace(report=lambda *args, **kwargs: pytest.fail("the trial ran an epoch from a refused state"))
     monkeypatch.setattr(trainable, "tune", session)
     spec = trainable.TrialSpec(
