@@ -131,7 +131,7 @@ def test_the_readme_plugin_works_and_a_registered_space_dict_is_its_space(tmp_pa
     path = write_plugin(tmp_path, body, "logitpen.py")
     assert main(["list", "--plugin", str(path)]) == 0
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  logitpen ")]
-    assert line.split() == "logitpen LogitPen γ log-uniform [0.001, 10] (no teacher, random sampler)".split()
+    assert line.split() == "logitpen LogitPen γ in {0.01,0.1,1} (no teacher, random sampler)".split()  # its own space
     space = spaces.load_space("logitpen")
     assert (space.distribution, space.values, space.default) == ("choice", (0.01, 0.1, 1.0), 0.1)
     method = methods.get_method("logitpen")
