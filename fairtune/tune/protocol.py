@@ -28,7 +28,7 @@ from fairtune import io
 from fairtune.errors import UserError
 from fairtune.methods import get_method, in_paper_order
 from fairtune.runs import best_config_path, resolve_hyperparameters
-from fairtune.teachers import teacher_paths
+from fairtune.teachers import TeacherProvider
 from fairtune.tune.final import FinalSettings, final_path, plan_final
 from fairtune.tune.ledger import FINISHED, LEDGER_FILE, STOPPED, Ledger
 from fairtune.tune.search import SearchSettings, search_status
@@ -213,8 +213,9 @@ class Protocol:
 
         pending: dict = {}  # ref -> (kind, key)
         teachers: dict[int, str] = {}
+        provider = TeacherProvider(settings.search.results_dir, settings.dataset)
         for seed in self._teacher_seeds():
-            if teacher_paths(settings.search.results_dir, settings.dataset, seed).weights.exists():
+            if not provider.to_train(seed):  # read (and checked) by the jobs that use it
                 teachers[seed] = DONE
             else:
                 teachers[seed] = RUNNING
