@@ -329,18 +329,14 @@ def _setup(args: argparse.Namespace):
     return device
 
 
-def _print_epoch(total_epochs: int, label: str = ""):
+def _print_epoch(total_epochs: int, split: str, label: str = ""):
+    from fairtune.progress import epoch_line
+
     last = [time.perf_counter()]
 
     def show(m: dict) -> None:
         now = time.perf_counter()
-        terms = " ".join(f"{k[6:]} {v:.4g}" for k, v in m.items() if k.startswith("train/") and k != "train/loss")
-        print(
-            f"{label}epoch {m['epoch']:>3}/{total_epochs} {m['stage']:<4} loss {m['train/loss']:.4f} ({terms}) | "
-            f"val acc {m['accuracy']:6.2f} DEO_A {m['deo_a']:6.2f} DEO_M {m['deo_m']:6.2f} obj {m['objective']:7.2f} "
-            f"| lr {m['lr']:.1e} {now - last[0]:5.1f}s",
-            flush=True,
-        )
+        print(epoch_line(m, total_epochs, label, split, now - last[0]), flush=True)
         last[0] = now
 
     return show
@@ -371,7 +367,7 @@ def _train_config(args: argparse.Namespace, method: str, hyper: dict[str, float]
 def cmd_train(args: argparse.Namespace) -> int:
     from fairtune.methods import get_method
     from fairtune.runs import check_batches, resolve_hyperparameters, run_method, train_run_path, write_run
-    from fairtune.teachers import load_teacher, teacher_paths
+    from fairtune.teachers import TeacherProvider, teacher_model
 
     method = get_method(args.method)
     given = _given(args)
@@ -387,7 +383,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_batches([method.name], args.batch_size, data)
     teacher = None
     if method.needs_teacher:
-        teacher = load_teacher(teacher_paths(args.results_dir, args.dataset, args.seed), data)
+        state, _ = TeacherProvider(args.results_dir, args.dataset).get(data.options, data.info)  # load only
+        teacher = teacher_model(state, data.info)
     shown = ", ".join(f"{k}={v:g}" for k, v in hyper.items()) or "no hyperparameters"
     source = f"; data from {data.notes['source_dir']}" if data.notes.get("source_dir") else ""
     print(
@@ -395,7 +392,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{data.options.select_on} {len(data.selection)}, test {len(data.test)} samples{source}; device {device}",
         flush=True,
     )
-    result = run_method(config, data, teacher, device, _print_epoch(config.total_epochs))
+    result = run_method(config, data, teacher, device, _print_epoch(config.total_epochs, data.options.select_on))
     write_run(out, config, data, result, device)
     _print_test(result.test, data.info)
     print(f"{result.seconds_per_epoch:.1f} s/epoch; wrote {out}")
@@ -405,22 +402,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_teacher(args: argparse.Namespace) -> int:
     import json
 
-    from fairtune.runs import check_batches, ensure_teacher
-    from fairtune.teachers import load_teacher, teacher_paths
+    from fairtune.runs import check_batches, train_teacher
+    from fairtune.teachers import TeacherProvider
 
     _check_results_dir(args, args.dataset)
     device = _setup(args)
-    base = _train_config(args, "scratch", {})
+    teachers = TeacherProvider(args.results_dir, args.dataset, _train_config(args, "scratch", {}), force=args.force)
     for i, seed in enumerate(args.seeds):
-        record = teacher_paths(args.results_dir, args.dataset, seed)
+        record = teachers.files(seed)
         data = _load_data(args, seed, notes=i == 0)
-        if record.weights.exists() and not args.force:
-            load_teacher(record, data)  # refuses a mismatched file with the fix to apply
+
+        def train(base, options, data=data, seed=seed):
+            check_batches(["scratch"], args.batch_size, data)
+            print(f"seed {seed}: training teacher on {args.dataset} ({len(data.train)} train samples, device {device})", flush=True)
+            return train_teacher(data, base, device, _print_epoch(args.epochs, options.select_on, f"seed {seed}"))
+
+        # A stored teacher is read (a mismatched file refused with the fix to apply), a missing one trained.
+        _, trained = teachers.get(data.options, data.info, train)
+        if not trained:
             print(f"seed {seed}: teacher already at {record.weights} (--force retrains)")
             continue
-        check_batches(["scratch"], args.batch_size, data)
-        print(f"seed {seed}: training teacher on {args.dataset} ({len(data.train)} train samples, device {device})", flush=True)
-        ensure_teacher(data, args.results_dir, base, device, force=True, on_epoch=_print_epoch(args.epochs, f"seed {seed} "))
         test = json.loads(record.metrics.read_text())["test"]
         _print_test(test, data.info)
         print(f"seed {seed}: wrote {record.weights}")
@@ -453,11 +454,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     from fairtune.data import default_data_dir
     from fairtune.runs import check_batches
-    from fairtune.teachers import teacher_paths
+    from fairtune.teachers import TeacherProvider
     from fairtune.tune.search import run_search
 
     data = _load_data(args, args.seed)  # fail fast, with the one-line message, on missing data
-    untrained_teacher = method.needs_teacher and not teacher_paths(args.results_dir, args.dataset, args.seed).weights.exists()
+    untrained_teacher = method.needs_teacher and TeacherProvider(args.results_dir, args.dataset).to_train(args.seed)
     check_batches([method.name] + ["scratch"] * untrained_teacher, args.batch_size, data)
     settings = _search_settings(args, method.name, hyper, spaces_dir, _gpus_per_trial(args))
     fixed = ", ".join(f"{k}={v:g}" for k, v in hyper.items())

@@ -22,7 +22,6 @@ from fairtune.layout import Layout
 from fairtune.methods import get_method
 from fairtune.records import read_best
 from fairtune.spaces import SPACES_DIR, load_space
-from fairtune.teachers import load_teacher, save_teacher, teacher_identity, teacher_paths
 
 def resolve_hyperparameters(
     method_name: str, dataset: str, given: dict[str, float | None], results_dir: Path, spaces_dir: Path = SPACES_DIR
@@ -123,28 +122,12 @@ def train_teacher(
 ) -> tuple[dict, dict]:
     """Train a `scratch` model with ``base``'s protocol; returns (CPU state dict, run record).
 
-    Returns data rather than writing files so it can run as a Ray task on any node."""
+    Returns data rather than writing files so it can run as a Ray task on any node; a
+    ``fairtune.teachers.TeacherProvider`` decides when it runs and stores what it returns."""
     config = replace(base, method="scratch", hyperparameters={})
     result = run_method(config, data, None, device, on_epoch)
     state = {k: v.detach().cpu() for k, v in result.trainer.student.state_dict().items()}
     return state, run_record(config, data, result, device)
-
-
-def ensure_teacher(
-    data: DatasetSplits,
-    results_dir: Path,
-    base: TrainConfig,
-    device: torch.device,
-    force: bool = False,
-    on_epoch: Callable[[dict], None] | None = None,
-) -> tuple[torch.nn.Module, bool]:
-    """Load the seed's teacher, or train and store it; returns (model, trained_now)."""
-    record = teacher_paths(results_dir, data.options.dataset, data.options.seed)
-    if record.weights.exists() and not force:
-        return load_teacher(record, data), False
-    state, metrics = train_teacher(data, base, device, on_epoch)
-    save_teacher(record, state, teacher_identity(data.options, data.info), base.epochs, metrics)
-    return load_teacher(record, data), True
 
 
 def run_record(config: TrainConfig, data: DatasetSplits, result: RunResult, device: torch.device) -> dict:
@@ -181,7 +164,6 @@ def write_run(path: Path, config: TrainConfig, data: DatasetSplits, result: RunR
 __all__ = [
     "RunResult",
     "check_batches",
-    "ensure_teacher",
     "resolve_hyperparameters",
     "run_method",
     "run_record",

@@ -2,19 +2,27 @@
 
 A teacher file records the data settings it was trained on; a student asking for another setting
 (skew, sizes, split, architecture) is refused rather than silently given a mismatched teacher.
+``TeacherProvider`` is the one place that decides between loading a stored teacher and training one.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
 from fairtune import __version__, io
 from fairtune.data import DataOptions, DatasetInfo, DatasetSplits
+from fairtune.engine import TrainConfig
 from fairtune.errors import UserError
 from fairtune.layout import Layout, TeacherRecord
 from fairtune.models import build_model
+
+# Trains the teacher of ``options`` with the protocol ``base``; returns (CPU state dict, run record).
+# Here (`fairtune.runs.train_teacher`) or as a Ray task on any node (`fairtune.tune.tasks`).
+TeacherTraining = Callable[[TrainConfig, DataOptions], tuple[dict, dict]]
 
 
 def teacher_paths(results_dir: Path, dataset: str, seed: int) -> TeacherRecord:
@@ -85,3 +93,51 @@ def teacher_model(state_dict: dict, info: DatasetInfo) -> nn.Module:
 
 def load_teacher(record: TeacherRecord, data: DatasetSplits) -> nn.Module:
     return teacher_model(read_teacher_state(record, data.options, data.info), data.info)
+
+
+@dataclass(frozen=True)
+class TeacherProvider:
+    """Where every command gets a seed's teacher from: the stored weights, when they are there and fit
+    the settings; trained with ``base`` and stored, when they are missing (or all of them, under
+    ``force``); refused in one line when the stored ones were trained with other settings.
+
+    ``get`` does it all; a caller that trains elsewhere and later (`final`'s Ray tasks, several seeds
+    at once) asks ``stored`` and, for each ``None``, trains and hands the result to ``store``."""
+
+    results_dir: Path
+    dataset: str
+    base: TrainConfig | None = None  # the protocol a missing teacher is trained with (None: load only)
+    force: bool = False  # retrain (and overwrite) stored teachers too
+
+    def files(self, seed: int) -> TeacherRecord:
+        return teacher_paths(self.results_dir, self.dataset, seed)
+
+    def to_train(self, seed: int) -> bool:
+        """Whether the teacher of ``seed`` will be trained (missing, or ``force``) rather than loaded."""
+        return self.force or not self.files(seed).weights.exists()
+
+    def stored(self, options: DataOptions, info: DatasetInfo) -> dict | None:
+        """The stored weights, checked against these settings; None when the teacher is to be trained."""
+        if self.to_train(options.seed):
+            return None
+        return read_teacher_state(self.files(options.seed), options, info)
+
+    def store(self, options: DataOptions, info: DatasetInfo, state: dict, record: dict) -> TeacherRecord:
+        """Write a teacher trained with ``base`` for ``options``; returns its files."""
+        if self.base is None:
+            raise ValueError("a TeacherProvider without a base protocol stores no teacher")
+        files = self.files(options.seed)
+        save_teacher(files, state, teacher_identity(options, info), self.base.epochs, record)
+        return files
+
+    def get(self, options: DataOptions, info: DatasetInfo, train: TeacherTraining | None = None) -> tuple[dict, bool]:
+        """(weights, trained now): the stored teacher, else trained with ``train`` and stored. Without
+        ``train`` a missing teacher is a UserError naming the command that trains it."""
+        state = self.stored(options, info)
+        if state is not None:
+            return state, False
+        if train is None or self.base is None:
+            return read_teacher_state(self.files(options.seed), options, info), False
+        state, record = train(self.base, options)
+        self.store(options, info, state, record)
+        return state, True

@@ -189,18 +189,18 @@ def test_epoch_lines_show_each_runs_newest_epoch_at_most_every_interval(monkeypa
     epoch("mfd seed 1", 1)
     final._show_epochs(queue, shown, printed.append)
     assert printed == [  # a new run's newest epoch at once, one line per run
-        "  hkd seed 0: epoch 3/9  val accuracy 53.00  DEO_A 7.00  (2.0 s)",
-        "  mfd seed 1: epoch 1/9  val accuracy 51.00  DEO_A 9.00  (2.0 s)",
+        "  hkd seed 0 epoch   3/9  val acc  53.00  DEO_A   7.00  2.0 s",
+        "  mfd seed 1 epoch   1/9  val acc  51.00  DEO_A   9.00  2.0 s",
     ]
     clock[0] += final.PROGRESS_EVERY_S - 1
     epoch("hkd seed 0", 4)
     epoch("teacher seed 2", 1)
     final._show_epochs(queue, shown, printed.append)
-    assert printed[2:] == ["  teacher seed 2: epoch 1/9  val accuracy 51.00  DEO_A 9.00  (2.0 s)"]  # hkd: too soon
+    assert printed[2:] == ["  teacher seed 2 epoch   1/9  val acc  51.00  DEO_A   9.00  2.0 s"]  # hkd: too soon
     clock[0] += 1
     epoch("hkd seed 0", 5)
     final._show_epochs(queue, shown, printed.append)
-    assert printed[3:] == ["  hkd seed 0: epoch 5/9  val accuracy 55.00  DEO_A 5.00  (2.0 s)"]
+    assert printed[3:] == ["  hkd seed 0 epoch   5/9  val acc  55.00  DEO_A   5.00  2.0 s"]
     assert queue.items == []
     final._show_epochs(queue, shown, printed.append)  # nothing new, nothing printed
     assert len(printed) == 4
@@ -246,10 +246,11 @@ def test_final_reruns_best_configs_per_seed_then_skips_and_forces(ray_session, d
         if (method, seed) == ("scratch", 0):
             continue  # the search's teacher, not trained here
         name = "teacher" if method == "scratch" else method
-        shown = [i for i, line in enumerate(lines) if line.startswith(f"  {name} seed {seed}: epoch 1/1  val accuracy ")]
+        shown = [i for i, line in enumerate(lines) if line.startswith(f"  {name} seed {seed} epoch   1/1  val acc ")]
         result = [i for i, line in enumerate(lines) if f"] {method} seed {seed}: test accuracy" in line]
         assert len(shown) == 1 and len(result) == 1 and shown[0] < result[0], out  # progress, then the result
-        assert f"val accuracy {record['history'][-1]['accuracy']:.2f}  DEO_A {record['history'][-1]['deo_a']:.2f}" in lines[shown[0]]
+        last = record["history"][-1]  # the whole epoch travels: every metric the other commands show
+        assert f"val acc {last['accuracy']:6.2f}  DEO_A {last['deo_a']:6.2f}  DEO_M {last['deo_m']:6.2f}  obj {last['objective']:7.2f}" in lines[shown[0]]
     assert (tmp_path / "fmnist-s" / "teachers" / "seed1.pt").exists()  # trained by final for seed 1
     for (method, seed), record in records.items():  # a TensorBoard run each (tests/test_board.py reads more)
         assert val_curve(tmp_path, method, seed) == [(1, pytest.approx(record["history"][0]["accuracy"], rel=1e-6))]

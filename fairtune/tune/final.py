@@ -39,7 +39,8 @@ from fairtune.metrics import DEFAULT_OBJECTIVE, parse_objective
 from fairtune.records import ANY_RECORD, BestConfig, problem, read_best
 from fairtune.runs import check_batches
 from fairtune.selection import BEST, Rule, select_trial
-from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
+from fairtune.progress import epoch_line
+from fairtune.teachers import TeacherProvider
 
 Printer = Callable[[str], None]
 # A running run's epoch line is shown at most this often (its first epoch at once); seconds.
@@ -243,22 +244,26 @@ def plan_final(settings: FinalSettings) -> FinalPlan:
         jobs.append(FinalJob(config, tuple(todo), tuple(done), selection))
         if method.needs_teacher or name == "scratch":
             teacher_seeds.update(todo)
-    if not (settings.force and "scratch" in names):  # otherwise the teachers are retrained
-        _check_stored_teachers(settings, TrainConfig(method="scratch", **train), sorted(teacher_seeds))
+    _check_stored_teachers(settings, _teacher_provider(settings, names, TrainConfig(method="scratch", **train)), sorted(teacher_seeds))
     return FinalPlan(options, tuple(jobs), tuple(sorted(teacher_seeds)))
 
 
-def _check_stored_teachers(settings: FinalSettings, base: TrainConfig, seeds: list[int]) -> None:
+def _teacher_provider(settings: FinalSettings, methods, base: TrainConfig) -> TeacherProvider:
+    """The final's teachers: with --force and scratch among the methods, every one is retrained."""
+    return TeacherProvider(settings.results_dir, settings.dataset, base, force=settings.force and "scratch" in methods)
+
+
+def _check_stored_teachers(settings: FinalSettings, provider: TeacherProvider, seeds: list[int]) -> None:
     """Refuse a stored teacher trained with another protocol (epochs, lr, ...) than this final's.
 
     It would be used as it is: the Teacher row would report it and every KD student would learn from
     it, so the table would silently mix protocols. Its data settings are checked when it is loaded.
     """
-    wanted = training_protocol(base.record())
+    wanted = training_protocol(provider.base.record())
     for seed in seeds:
-        files = teacher_paths(settings.results_dir, settings.dataset, seed)
-        if not files.weights.exists():
+        if provider.to_train(seed):  # missing, or retrained (--force)
             continue
+        files = provider.files(seed)
         try:
             trained = training_protocol(json.loads(files.metrics.read_text()).get("config") or {})
         except (OSError, ValueError):
@@ -310,8 +315,9 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
     data = load_dataset(plan.data, settings.data_dir)  # missing data: one line now, not a failed task later
     for note in data.notes.get("clamped", []):
         say(f"note: {note}")
-    retrain = settings.force and any(job.method == "scratch" for job in plan.jobs)
-    untrained = [s for s in plan.teacher_seeds if retrain or not teacher_paths(settings.results_dir, settings.dataset, s).weights.exists()]
+    base = replace(plan.jobs[0].config, method="scratch", hyperparameters={})
+    provider = _teacher_provider(settings, [job.method for job in plan.jobs], base)
+    untrained = [s for s in plan.teacher_seeds if provider.to_train(s)]
     check_batches([job.method for job in plan.jobs if job.todo] + ["scratch"] * bool(untrained), plan.jobs[0].config.batch_size, data)
 
     import ray
@@ -332,15 +338,13 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
         args = (data_dir, settings.device, settings.cpus_per_trial)
         jobs = {job.method: job for job in plan.jobs}
         scratch = jobs.get("scratch")
-        base = replace(plan.jobs[0].config, method="scratch", hyperparameters={})
         info = dataset_info(plan.data, settings.data_dir)
 
-        retrain = settings.force and scratch is not None
         stored: dict[int, dict] = {}  # read (and checked against this data) before anything runs
         for seed in plan.teacher_seeds:
-            files = teacher_paths(settings.results_dir, settings.dataset, seed)
-            if files.weights.exists() and not retrain:
-                stored[seed] = read_teacher_state(files, plan.options(seed), info)  # protocol checked by plan_final
+            state = provider.stored(plan.options(seed), info)  # protocol checked by plan_final
+            if state is not None:
+                stored[seed] = state
 
         pending: dict = {}  # object ref -> (method, seed, teacher state ref or None)
         teachers: dict[int, object] = {}
@@ -348,7 +352,7 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
             if seed in stored:
                 teachers[seed] = ray.put(stored.pop(seed))
                 if scratch and seed in scratch.todo:
-                    files = teacher_paths(settings.results_dir, settings.dataset, seed)
+                    files = provider.files(seed)
                     _write_scratch_from_disk(settings, scratch, files, seed, say)
                     board.start(base, seed)
                     board.finish("scratch", seed, json.loads(files.metrics.read_text()))
@@ -388,8 +392,7 @@ def run_final(settings: FinalSettings, plan: FinalPlan, say: Printer = print) ->
             path = final_path(settings.results_dir, settings.dataset, method, seed, settings.rule)
             try:
                 if state_ref is not None:  # a teacher: store it; it is also the scratch row of its seed
-                    files = teacher_paths(settings.results_dir, settings.dataset, seed)
-                    save_teacher(files, ray.get(state_ref), teacher_identity(plan.options(seed), info), base.epochs, record)
+                    files = provider.store(plan.options(seed), info, ray.get(state_ref), record)
                     if not (scratch and seed in scratch.todo):
                         say(f"  [{finished}/{total}] teacher seed {seed}: wrote {files.weights}")
                         continue
@@ -433,10 +436,7 @@ def _show_epochs(progress, shown_at: dict[str, float], say: Printer, board=None)
         if run in shown_at and now - shown_at[run] < PROGRESS_EVERY_S:
             continue
         shown_at[run] = now
-        say(
-            f"  {run}: epoch {line['epoch']}/{line['of']}  {line['split']} accuracy {line['accuracy']:.2f}  "
-            f"DEO_A {line['deo_a']:.2f}  ({line['seconds']:.1f} s)"
-        )
+        say("  " + epoch_line(line.get("metrics") or line, line["of"], run, line["split"], line["seconds"]))
 
 
 def _write_scratch_from_disk(settings: FinalSettings, job: FinalJob, files, seed: int, say: Printer) -> None:

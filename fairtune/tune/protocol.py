@@ -30,7 +30,7 @@ from fairtune.layout import Layout, SearchDir
 from fairtune.methods import get_method, in_paper_order
 from fairtune.records import BestConfig
 from fairtune.runs import resolve_hyperparameters
-from fairtune.teachers import teacher_paths
+from fairtune.teachers import TeacherProvider
 from fairtune.tune.final import FinalSettings, final_path, plan_final
 from fairtune.tune.ledger import FINISHED, STOPPED, Ledger
 from fairtune.tune.search import SearchSettings, search_status
@@ -213,8 +213,9 @@ class Protocol:
 
         pending: dict = {}  # ref -> (kind, key)
         teachers: dict[int, str] = {}
+        provider = TeacherProvider(settings.search.results_dir, settings.dataset)
         for seed in self._teacher_seeds():
-            if teacher_paths(settings.search.results_dir, settings.dataset, seed).weights.exists():
+            if not provider.to_train(seed):  # read (and checked) by the jobs that use it
                 teachers[seed] = DONE
             else:
                 teachers[seed] = RUNNING

@@ -36,10 +36,11 @@ from fairtune.layout import HINT_STAGE, TUNE_FOLDER, Layout, SearchDir
 from fairtune.methods import get_method
 from fairtune.metrics import objective_mode, parse_objective
 from fairtune.records import BestConfig, BestSettings, ValMetrics
+from fairtune.progress import epoch_line
 from fairtune.schedule import asha_plan
 from fairtune.selection import BEST, pareto_set, select_trial
 from fairtune.spaces import SPACES_DIR, SearchSpace, load_space
-from fairtune.teachers import read_teacher_state, save_teacher, teacher_identity, teacher_paths
+from fairtune.teachers import TeacherProvider
 from fairtune.tune.cluster import check_resources, connect
 from fairtune.tune.ledger import (
     COMPLETED, ERROR, FINISHED, RUNNING, STOPPED, TRIAL_KEY, Ledger, TrialRecord, differences, trials_table,
@@ -86,18 +87,19 @@ def teacher_state(settings: SearchSettings, say: Printer) -> dict | None:
     import ray
 
     options, info = settings.data, dataset_info(settings.data, settings.data_dir)
-    record = teacher_paths(settings.results_dir, options.dataset, options.seed)
-    if record.weights.exists():
-        say(f"teacher: {record.weights}")
-        return read_teacher_state(record, options, info)
-    say(f"teacher: none at {record.weights}; training it first (a Ray task, {settings.base.epochs} epochs)")
+    teachers = TeacherProvider(settings.results_dir, options.dataset, settings.base)
+    record = teachers.files(options.seed)
 
-    task = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)(train_teacher_task)
-    state, metrics = ray.get(
-        task.remote(settings.base, options, str(settings.data_dir), settings.device, settings.cpus_per_trial)
-    )
-    save_teacher(record, state, teacher_identity(options, info), settings.base.epochs, metrics)
-    test = metrics["test"]
+    def train(base, options):
+        say(f"teacher: none at {record.weights}; training it first (a Ray task, {base.epochs} epochs)")
+        task = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)(train_teacher_task)
+        return ray.get(task.remote(base, options, str(settings.data_dir), settings.device, settings.cpus_per_trial))
+
+    state, trained = teachers.get(options, info, train)
+    if not trained:
+        say(f"teacher: {record.weights}")
+        return state
+    test = json.loads(record.metrics.read_text())["test"]
     say(f"teacher: wrote {record.weights} (test accuracy {test['accuracy']:.2f}, DEO_A {test['deo_a']:.2f})")
     return state
 
@@ -330,9 +332,9 @@ def _ray_hooks():
     class LedgerCallback(Callback):
         """Writes every trial event to the ledger (then Optuna) and prints one compact line per new epoch."""
 
-        def __init__(self, ledger: Ledger, study, say: Printer, total: int, parameter: str | None, num_trials: int):
+        def __init__(self, ledger: Ledger, study, say: Printer, total: int, parameter: str | None, num_trials: int, split: str):
             self.ledger, self.study, self.say = ledger, study, say
-            self.total, self.parameter, self.num_trials = total, parameter, num_trials
+            self.total, self.parameter, self.num_trials, self.split = total, parameter, num_trials, split
 
         def _tell(self, record: TrialRecord) -> None:
             if self.study is not None:
@@ -349,10 +351,7 @@ def _ray_hooks():
             # Tune adds done=True to the result on which the scheduler decided to stop the trial.
             stopped = bool(result.get("done")) and result["epoch"] < self.total
             if self.ledger.record_epoch(trial_id, result, stopped=stopped):
-                self.say(
-                    f"  {self._label(trial)} epoch {result['epoch']:>3}/{self.total}  obj {result['objective']:7.2f}  "
-                    f"acc {result['accuracy']:6.2f}  DEO_A {result['deo_a']:6.2f}  DEO_M {result['deo_m']:6.2f}"
-                )
+                self.say("  " + epoch_line(result, self.total, self._label(trial), self.split, result.get("time_this_iter_s")))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             record = self.ledger.get(trial.config[TRIAL_KEY])
@@ -526,7 +525,7 @@ def run_search(settings: SearchSettings, say: Printer = print) -> BestConfig:
             run_config=tune.RunConfig(
                 name=TUNE_FOLDER, storage_path=str(folder), verbose=0,
                 callbacks=[
-                    LedgerCallback(ledger, study, say, epochs, space.parameter, num_samples),
+                    LedgerCallback(ledger, study, say, epochs, space.parameter, num_samples, settings.data.select_on),
                     board.search_callback(ledger, folder, settings.base, space.parameter, settings.data),
                     *board.tune_loggers(),
                 ],
