@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from fairtune import plugin
+from fairtune.data.sampler import stratum_balanced_plan
 
 plugin.hyperparameter(
     "eta", "η", "GroupDRO's step size η of the group weights q", positive=True, low=1e-3, high=1.0, default=0.01,
@@ -113,23 +114,7 @@ def group_balanced_plan(
     per_group = batch_size // num_groups
     if per_group == 0:
         raise ValueError(f"batch size {batch_size} is smaller than the {num_groups} groups; a group-balanced batch needs one sample of each")
-    groups = groups.cpu()
-    order = torch.argsort(groups, stable=True)
-    counts = torch.bincount(groups, minlength=num_groups)
-    num_batches = int(counts.max()) // per_group
-    if num_batches == 0:
-        raise ValueError(f"the largest group has fewer than {per_group} samples: no group-balanced batch fits")
-    needed = num_batches * per_group
-    columns, start = [], 0
-    for count in counts.tolist():
-        members = order[start : start + count]
-        start += count
-        if count == 0:
-            continue
-        passes = -(-needed // count)
-        draws = torch.argsort(torch.rand(passes, count, generator=generator), dim=1)
-        columns.append(members[draws.flatten()[:needed]].reshape(num_batches, per_group))
-    return torch.cat(columns, dim=1)
+    return stratum_balanced_plan(groups, num_groups, per_group, generator, "group")
 
 
 plugin.sampler("group-balanced", group_balanced_plan)

@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fairtune.errors import UserError
+from fairtune.errors import UserError, checked
 from fairtune.layout import Layout, SearchDir
 
 
@@ -24,19 +24,7 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
-def _checked(convert, ok, rule: str):
-    """An argparse type that converts and range-checks, with the rule in its error message."""
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or value != value or not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
-        return value
-
-    return parse
+_checked = checked
 
 
 _positive_int = _checked(int, lambda v: v > 0, "a positive integer")

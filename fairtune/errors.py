@@ -1,4 +1,7 @@
-"""The one exception type that means "the user asked for something wrong"."""
+"""The one exception type that means "the user asked for something wrong", and the argparse type
+checker that turns a bad value into one."""
+
+import argparse
 
 
 # Every character str.splitlines() breaks at, shown escaped: a name or path the user typed (or a
@@ -11,3 +14,18 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return super().__str__().translate(_LINE_BREAKS)
+
+
+def checked(convert, ok, rule: str):
+    """An argparse type that converts and range-checks, with the rule in its error message."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    return parse

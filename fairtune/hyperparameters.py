@@ -64,14 +64,9 @@ def register(row: Hyperparameter) -> Hyperparameter:
 
 
 def get(name: str) -> Hyperparameter:
-    if name not in HYPERPARAMETERS:
-        from fairtune.plugin import ensure_loaded
+    from fairtune.plugin import lookup
 
-        ensure_loaded()
-    try:
-        return HYPERPARAMETERS[name]
-    except KeyError:
-        raise UserError(f"unknown hyperparameter '{name}'; known: {', '.join(HYPERPARAMETERS)}") from None
+    return lookup(HYPERPARAMETERS, name, "hyperparameter")
 
 
 def symbol(name: str) -> str:

@@ -120,14 +120,9 @@ def register(term: Term) -> Term:
 
 
 def get(name: str) -> Term:
-    if name not in TERMS:
-        from fairtune.plugin import ensure_loaded
+    from fairtune.plugin import lookup
 
-        ensure_loaded()
-    try:
-        return TERMS[name]
-    except KeyError:
-        raise UserError(f"unknown loss term '{name}'; known: {', '.join(TERMS)}") from None
+    return lookup(TERMS, name, "loss term")
 
 
 class Adversary(TrainedTerm):

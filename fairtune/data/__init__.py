@@ -45,14 +45,9 @@ def default_data_dir() -> Path:
 
 
 def dataset_module(name: str) -> DatasetSource:
-    if name not in DATASETS:
-        from fairtune.plugin import ensure_loaded
+    from fairtune.plugin import lookup
 
-        ensure_loaded()
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise UserError(f"unknown dataset '{name}'; valid: {', '.join(DATASETS)}") from None
+    return lookup(DATASETS, name, "dataset", "valid")
 
 
 def dataset_options() -> dict[str, dict[str, DatasetOption]]:

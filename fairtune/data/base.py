@@ -7,7 +7,6 @@ decode-once cache, so that only the batches in flight are ever in memory.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -17,6 +16,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 import torch
+
 
 Augment = Literal["flip", "resize_crop_flip", "random_resized_crop_flip", "crop_flip"]
 
@@ -39,21 +39,6 @@ class DatasetOption:
     help: str
     default: object = None
     choices: tuple | None = None
-
-
-def checked(convert: Callable[[str], object], ok: Callable[[object], bool], rule: str) -> Callable[[str], object]:
-    """An argparse type that converts and range-checks, with the rule in its error message."""
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or value != value or not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
-        return value
-
-    return parse
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fairtune.data.base import DataOptions, DatasetInfo, DatasetOption, DatasetSplits, ImageView, Split, checked
+from fairtune.data.base import DataOptions, DatasetInfo, DatasetOption, DatasetSplits, ImageView, Split
+from fairtune.errors import checked
 from fairtune.data.facecache import UndecodableImage, cache_path, decode_cache
 from fairtune.errors import UserError
 from fairtune.models import MODELS

@@ -159,10 +159,9 @@ AUGMENTATIONS: dict[str, Augmentation] = {
 
 
 def augmentation(name: str) -> Augmentation:
-    try:
-        return AUGMENTATIONS[name]
-    except KeyError:
-        raise UserError(f"unknown augmentation '{name}'; known: {', '.join(AUGMENTATIONS)}") from None
+    from fairtune.plugin import lookup
+
+    return lookup(AUGMENTATIONS, name, "augmentation")
 
 
 def register_augmentation(name: str, draw: Callable, apply: Callable) -> Augmentation:

@@ -51,23 +51,37 @@ def balanced_plan(
     cells (possible in tiny subsamples) are skipped, which shrinks the batch accordingly.
     """
     per_cell = balanced_per_cell(batch_size, num_classes, num_groups)
-    cell = (groups * num_classes + labels).cpu()
-    order = torch.argsort(cell, stable=True)
-    counts = torch.bincount(cell, minlength=num_classes * num_groups)
-    num_batches = int(counts.max()) // per_cell
+    cells = groups * num_classes + labels
+    return stratum_balanced_plan(cells, num_classes * num_groups, per_cell, generator, "(class, group) cell")
+
+
+def stratum_balanced_plan(
+    strata: torch.Tensor, num_strata: int, per_stratum: int, generator: torch.Generator, what: str = "stratum"
+) -> torch.Tensor:
+    """Batches of exactly ``per_stratum`` samples of every non-empty stratum (a cell, a group ...).
+
+    An epoch has floor(n_max / per_stratum) batches, n_max being the largest stratum; each stratum is
+    drawn as repeated reshuffled passes over its members, so smaller strata are oversampled and every
+    sample of a stratum with at most ``num_batches * per_stratum`` members appears in each epoch. Empty
+    strata are skipped, which shrinks the batch. Every random number comes from ``generator``.
+    """
+    strata = strata.cpu()
+    order = torch.argsort(strata, stable=True)
+    counts = torch.bincount(strata, minlength=num_strata)
+    num_batches = int(counts.max()) // per_stratum
     if num_batches == 0:
-        raise ValueError(f"the largest (class, group) cell has fewer than {per_cell} samples: no balanced batch fits")
-    needed = num_batches * per_cell
+        raise ValueError(f"the largest {what} has fewer than {per_stratum} samples: no balanced batch fits")
+    needed = num_batches * per_stratum
     columns = []
     start = 0
-    for count in counts.tolist():  # one iteration per cell per epoch, not per sample
+    for count in counts.tolist():  # one iteration per stratum per epoch, not per sample
         members = order[start : start + count]
         start += count
         if count == 0:
             continue
         passes = -(-needed // count)
         draws = torch.argsort(torch.rand(passes, count, generator=generator), dim=1)
-        columns.append(members[draws.flatten()[:needed]].reshape(num_batches, per_cell))
+        columns.append(members[draws.flatten()[:needed]].reshape(num_batches, per_stratum))
     return torch.cat(columns, dim=1)
 
 

@@ -25,7 +25,8 @@ from typing import Literal
 
 import torch
 
-from fairtune.data.base import DatasetOption, Split, checked
+from fairtune.data.base import DatasetOption, Split
+from fairtune.errors import checked
 from fairtune.errors import UserError
 
 VAL_PER_CLASS = 500
