@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from fairtune.errors import UserError
+from fairtune.registry import lookup
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,6 @@ def register(row: Hyperparameter) -> Hyperparameter:
 
 
 def get(name: str) -> Hyperparameter:
-    from fairtune.plugin import lookup
-
     return lookup(HYPERPARAMETERS, name, "hyperparameter")
 
 

@@ -276,17 +276,6 @@ def load_installed() -> None:
             _current.pop()
 
 
-def lookup(table: Mapping, name: str, what: str, valid: str = "known"):
-    """``table[name]`` of a registry, loading the plugins first on a miss (a Ray worker meets a
-    plugin's names before anything imported it); an unknown name is one UserError listing the rest."""
-    if name not in table:
-        ensure_loaded()
-    try:
-        return table[name]
-    except KeyError:
-        raise UserError(f"unknown {what} '{name}'; {valid}: {', '.join(table)}") from None
-
-
 def ensure_loaded() -> None:
     """Load what ``FAIRTUNE_PLUGINS`` names and the installed plugins; registries call this on a
     miss, so a Ray worker knows a plugin's names before it reads a config that uses them."""

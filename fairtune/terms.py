@@ -22,6 +22,7 @@ from torch import Tensor
 
 from fairtune import losses
 from fairtune.errors import UserError
+from fairtune.registry import lookup
 from fairtune.models import ModelOutput
 
 OUTPUTS = frozenset({"logits", "features", "feature_map"})
@@ -120,8 +121,6 @@ def register(term: Term) -> Term:
 
 
 def get(name: str) -> Term:
-    from fairtune.plugin import lookup
-
     return lookup(TERMS, name, "loss term")
 
 

@@ -512,3 +512,14 @@ def test_a_batch_size_a_plugin_sampler_cannot_fill_is_refused_before_training(da
     assert len(err.splitlines()) == 1
     assert "--batch-size 1 does not fit groupdro's sampler 'group-balanced'" in err and "smaller than the 2 groups" in err
     assert not (tmp_path / "fmnist-s" / "train").exists()
+
+
+@pytest.mark.parametrize("module", ["fairtune.plugin", "fairtune.terms", "fairtune.hyperparameters", "fairtune.methods",
+                                    "fairtune.data", "fairtune.data.loader", "fairtune.spaces", "fairtune.cli"])
+def test_each_registry_module_imports_first_in_a_fresh_interpreter(module):
+    """The registries and the plugin API import each other lazily; any import order must work."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1:]

@@ -27,6 +27,7 @@ from fairtune.data.base import (
     stratified_subsample,
 )
 from fairtune.errors import UserError
+from fairtune.registry import lookup
 
 DATASETS: dict[str, DatasetSource] = {
     "cifar10s": cifar10s,
@@ -45,8 +46,6 @@ def default_data_dir() -> Path:
 
 
 def dataset_module(name: str) -> DatasetSource:
-    from fairtune.plugin import lookup
-
     return lookup(DATASETS, name, "dataset", "valid")
 
 

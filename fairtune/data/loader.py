@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from fairtune.data.base import DatasetInfo, ImageView, Split
 from fairtune.errors import UserError
+from fairtune.registry import lookup
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -159,8 +160,6 @@ AUGMENTATIONS: dict[str, Augmentation] = {
 
 
 def augmentation(name: str) -> Augmentation:
-    from fairtune.plugin import lookup
-
     return lookup(AUGMENTATIONS, name, "augmentation")
 
 
