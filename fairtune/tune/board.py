@@ -16,7 +16,7 @@ carry an experiment config it takes "the first one" it happens to list (``_find_
 Configs that differ per search — Ray Tune's, one per trial, declaring only that trial's
 hyperparameter — therefore showed one random search's column and left the others empty. Here every
 run carries the *same* config: ``method``, ``kind`` (search or final), ``seed``, ``dataset`` and every
-hyperparameter fairtune's methods have (T, lam, distill_lam), then the metrics with accuracy, DEO_A,
+row of the hyperparameter table (T, lam, distill_lam and any a plugin adds), then the metrics with accuracy, DEO_A,
 DEO_M and the objective first. Whichever copy TensorBoard picks, ``--logdir results/D`` (several
 searches), ``results/D/search/M`` (one) or ``results`` (several datasets) show each run's own values;
 each session records only the hyperparameters its method has.
