@@ -25,7 +25,6 @@ from fairtune import hyperparameters, losses, terms
 from fairtune.data import DatasetSplits
 from fairtune.data.loader import BatchSource
 from fairtune.data.sampler import SAMPLERS
-from fairtune.errors import UserError
 from fairtune.methods import Method, get_method
 from fairtune.terms import Batch, TrainedTerm
 from fairtune.metrics import DEFAULT_OBJECTIVE, cell_tallies, fairness_report, objective_value
@@ -74,16 +73,6 @@ class TrainConfig:
             else:
                 out[f.name] = getattr(self, f.name)
         return out
-
-    @classmethod
-    def from_record(cls, record: dict) -> "TrainConfig":
-        """A config from its stored form; keys of neither a field nor a hyperparameter are refused."""
-        names = {f.name for f in fields(cls)} - {"hyperparameters"}
-        unknown = set(record) - names - set(hyperparameters.HYPERPARAMETERS)
-        if unknown:
-            raise UserError(f"a stored config names {sorted(unknown)[0]!r}, neither a setting nor a known hyperparameter (a plugin not loaded?)")
-        hyper = {k: v for k, v in record.items() if k in hyperparameters.HYPERPARAMETERS}
-        return cls(**{k: v for k, v in record.items() if k in names}, hyperparameters=hyper)
 
     def with_hyperparameters(self, values: Mapping[str, float]) -> "TrainConfig":
         """This config with ``values`` set (a trial's sampled ones, a fixed one from a best config)."""
@@ -188,6 +177,14 @@ class Trainer:
             if isinstance(use.spec, type) and issubclass(use.spec, TrainedTerm)
         }
         self._term_metrics: set[str] = set()  # keys the trained terms add to an evaluation
+        # Resolved once, not per step: each term's name, what computes it, the hyperparameters it reads.
+        hp = self.config.hyperparameters
+        self._terms = [
+            (use.spec.name, self.trained[use.term].loss if use.term in self.trained else use.spec,
+             {name: hp[bound] for name, bound in use.bindings().items()})
+            for use in self.method.terms
+        ]
+        self._hint = terms.get(self.method.hint_term) if self.method.hint_term else None
         self.train_source = BatchSource(self.data.train, info, self.device)
         self.selection_source = BatchSource(self.data.selection, info, self.device)
         self.teacher_table = self._build_teacher_table()
@@ -255,7 +252,6 @@ class Trainer:
         sampler = SAMPLERS[self.method.sampler]
         index_plan = sampler(labels, groups, info.num_classes, info.num_groups, self.config.batch_size, self.generator)
         augmentation = self.train_source.draw_augmentation(*index_plan.shape, self.generator)
-        hp = self.config.hyperparameters
         self.student.train()
         for term in self.trained.values():
             term.train()
@@ -267,9 +263,9 @@ class Trainer:
             batch = Batch(y, g, info.num_classes, info.num_groups, plan.kd_weight)
             teacher = self._teacher_outputs(x, index, params.get("flip"))
             if self._compile_unproven:
-                loss, terms = self._first_compiled_step(plan, x, teacher, batch, hp)
+                loss, terms = self._first_compiled_step(plan, x, teacher, batch)
             else:
-                loss, terms = self._train_step(plan, x, teacher, batch, hp)
+                loss, terms = self._train_step(plan, x, teacher, batch)
             # Accumulated on the device: one host sync per epoch, not per step.
             for name, value in (("loss", loss), *terms.items()):
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
@@ -321,14 +317,14 @@ class Trainer:
             return self.teacher(x)
 
     def _train_step(
-        self, plan: EpochPlan, x: torch.Tensor, teacher: ModelOutput | None, batch: Batch, hp: dict
+        self, plan: EpochPlan, x: torch.Tensor, teacher: ModelOutput | None, batch: Batch
     ) -> tuple[torch.Tensor, dict]:
         """Forward, backward and optimiser steps on one batch; returns (loss, terms) on the device."""
         with self._autocast():
             student = self._train_forward(x)
         # Losses run in float32 outside autocast: under bf16 autocast the squared distances of MFD
         # (‖a‖² + ‖b‖² − 2a·b) and NST's Gram matrices would come from bf16 matmuls and cancel badly.
-        terms = self._loss_terms(plan, _as_float(student), _as_float(teacher), batch, hp)
+        terms = self._loss_terms(plan, _as_float(student), _as_float(teacher), batch)
         loss = torch.stack([t.float() for t in terms.values()]).sum()
         self.optimizer.zero_grad(set_to_none=True)
         for term in self.trained.values():
@@ -341,7 +337,7 @@ class Trainer:
         return loss, terms
 
     def _first_compiled_step(
-        self, plan: EpochPlan, x: torch.Tensor, teacher: ModelOutput | None, batch: Batch, hp: dict
+        self, plan: EpochPlan, x: torch.Tensor, teacher: ModelOutput | None, batch: Batch
     ) -> tuple[torch.Tensor, dict]:
         """The first step of a compiled student, retried eagerly if compilation fails.
 
@@ -352,13 +348,13 @@ class Trainer:
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
         try:
-            result = self._train_step(plan, x, teacher, batch, hp)
+            result = self._train_step(plan, x, teacher, batch)
         except Exception as exc:
             self._fall_back_to_eager(exc)
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
-            result = self._train_step(plan, x, teacher, batch, hp)
+            result = self._train_step(plan, x, teacher, batch)
         self._compile_unproven = False
         return result
 
@@ -368,16 +364,13 @@ class Trainer:
         self._train_forward = self.student
         self._compile_unproven = False
 
-    def _loss_terms(self, plan: EpochPlan, student, teacher, batch: Batch, hp: dict) -> dict[str, torch.Tensor]:
+    def _loss_terms(self, plan: EpochPlan, student, teacher, batch: Batch) -> dict[str, torch.Tensor]:
         """Each term's value under its name; the student's loss is their sum."""
         if plan.stage == "hint":
-            hint = terms.get(self.method.hint_term)
-            return {hint.name: hint(student, teacher, batch, {})}
+            return {self._hint.name: self._hint(student, teacher, batch, {})}
         values = {"ce": F.cross_entropy(student.logits, batch.labels)} if self.method.ce else {}
-        for use in self.method.terms:
-            own = {name: hp[bound] for name, bound in use.bindings().items()}
-            trained = self.trained.get(use.term)
-            values[use.spec.name] = trained.loss(student, teacher, batch, own) if trained else use.spec(student, teacher, batch, own)
+        for name, compute, own in self._terms:
+            values[name] = compute(student, teacher, batch, own)
         return values
 
     # -- evaluation ---------------------------------------------------------------------------
