@@ -186,19 +186,29 @@ def _module_name(path: Path) -> str:
     return f"fairtune_plugin_{''.join(c if c.isalnum() else '_' for c in path.stem)}_{digest}"
 
 
+def _is_namespace(module) -> bool:
+    """A folder without __init__.py imports as an empty namespace package: nothing would register."""
+    spec = getattr(module, "__spec__", None)
+    return spec is not None and spec.origin is None and spec.submodule_search_locations is not None
+
+
 def _import(spec: str, given: str = "--plugin") -> str:
     """Import one plugin (``given``: where it was named, for errors); returns the spec workers load.
     One-line UserError when it fails."""
     looks_like_path = spec.endswith(".py") or os.sep in spec or (os.altsep and os.altsep in spec)
-    named = f"--plugin {spec}" if given == "--plugin" else f"{given} entry {spec}"
+    shown = spec or "''"
+    named = f"--plugin {shown}" if given == "--plugin" else f"{given} entry {shown}"
     if looks_like_path:
         path = Path(spec).expanduser().resolve()
         if not path.is_file():
             raise UserError(f"{named}: no such file; give the path of a .py file or an importable module name")
         name, where = _module_name(path), str(path)
+    elif not all(part.isidentifier() for part in spec.split(".")):  # importlib's own error for "" or ".." is cryptic
+        raise UserError(f"{named}: no file or importable module of that name; give a .py path or install the package")
     else:
         name, where = spec, spec
-    if name in sys.modules:
+    already = name in sys.modules
+    if already and not _is_namespace(sys.modules[name]):
         return where
     _current.append(where)
     try:
@@ -223,6 +233,10 @@ def _import(spec: str, given: str = "--plugin") -> str:
         raise UserError(f"plugin {where} failed to import: {_where(exc, where)}") from None
     finally:
         _current.pop()
+    if _is_namespace(sys.modules[name]):
+        if not already:
+            del sys.modules[name]
+        raise UserError(f"{named}: is a folder, not a plugin module; give a .py file or a module that registers something")
     return where
 
 

@@ -1,12 +1,26 @@
 """Test-session setup: Ray (when a test needs it) starts once, loopback-only, with 2 CPUs and one
 logical GPU, so fractional --gpus-per-trial packing is exercised on a CPU-only machine."""
 
+import os
+
 import pytest
 
+from fairtune import plugin
 from fairtune.tune.cluster import prepare_environment
 
+# The suite runs as a fresh user would: a developer's own plugins or data folder must not change
+# what it checks (Ray's workers would inherit them too).
+for _name in (plugin.ENV, "FAIRTUNE_DATA"):
+    os.environ.pop(_name, None)
 # Before anything imports ray: the loopback-only and save-every-step settings fairtune itself uses.
 prepare_environment(None)
+
+
+@pytest.fixture(autouse=True)
+def isolated_plugins():
+    """Whatever a test loads or registers (a fuzzed ``--plugin`` included) is undone after it."""
+    with plugin.isolated():
+        yield
 
 
 @pytest.fixture(scope="session")

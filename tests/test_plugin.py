@@ -1,7 +1,7 @@
 """The plugin API (``fairtune.plugin``) and its complete example, ``examples/groupdro.py``.
 
-Every test runs inside ``plugin.isolated()``, so what one registers never reaches another test or
-the rest of the suite. The GroupDRO term is checked against a plain NumPy loop over groups, its
+Every test of the suite runs inside ``plugin.isolated()`` (tests/conftest.py), so what one registers
+never reaches another test. The GroupDRO term is checked against a plain NumPy loop over groups, its
 sampler batch by batch, its state by an exact resume, and the whole method through ``search``,
 ``final`` and ``report`` run as the commands a user types (their Ray workers import the plugin).
 """
@@ -39,12 +39,6 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "groupdro.py"
 SPACE = yaml.safe_load((REPO / "examples" / "groupdro.yaml").read_text())
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def isolated_registries():
-    with plugin.isolated():
-        yield
 
 
 def groupdro():
@@ -245,6 +239,20 @@ def test_a_missing_plugin_file_or_module_is_exit_2_and_one_line(command, tmp_pat
     assert_one_line_error(code, capsys.readouterr().err, "--plugin fairtune_no_such_plugin_module: no file or importable module of that name")
     monkeypatch.setenv(plugin.ENV, str(missing))
     assert_one_line_error(main(command), capsys.readouterr().err, f"FAIRTUNE_PLUGINS entry {missing}: no such file")
+
+
+def test_a_folder_named_as_a_plugin_module_is_exit_2_and_loads_nothing(tmp_path, capsys, monkeypatch):
+    """A folder without __init__.py imports as an empty namespace package: refused, not a silent no-op
+    that would then ride along in FAIRTUNE_PLUGINS to every Ray worker."""
+    (tmp_path / "results").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["list", "--plugin", "results"])
+    assert_one_line_error(code, capsys.readouterr().err, "--plugin results: is a folder, not a plugin module")
+    assert "results" not in sys.modules and "results" not in os.environ.get(plugin.ENV, "").split(os.pathsep)
+    assert main(["list"]) == 0  # nothing of it was remembered
+    for spec in ["", "..", ".x", "a..b"]:  # importlib's own errors for these are cryptic
+        code = main(["list", f"--plugin={spec}"])
+        assert_one_line_error(code, capsys.readouterr().err, f"--plugin {spec or repr('')}: no file or importable module of that name")
 
 
 def test_fairtune_plugins_loads_a_plugin_for_every_command_as_absolute_paths(monkeypatch, capsys):
