@@ -29,9 +29,15 @@ def search(capsys, data_dir, results, *argv):
     return code, out, err
 
 
-def test_mfd_search_writes_best_trials_and_tensorboard(ray_session, data_dir, results, capsys):
+def test_mfd_search_writes_best_trials_and_tensorboard(ray_session, data_dir, results, capsys, monkeypatch):
+    from ray.tune.execution import tune_controller
+
+    starting_at_once = []  # what Tune's controller allows (docs/ray.md): 1 unless told the slots
+    real = tune_controller._get_max_pending_trials
+    monkeypatch.setattr(tune_controller, "_get_max_pending_trials", lambda alg: starting_at_once.append(real(alg)) or starting_at_once[-1])
     code, out, err = search(capsys, data_dir, results, "--method", "mfd", "--epochs", "2", "--num-samples", "3")
     assert code == 0, err
+    assert starting_at_once and set(starting_at_once) == {2}  # the session's 2 CPUs / 1 GPU hold two trials of 1 CPU / 0.5 GPU
     folder = experiment(results, "mfd")
     trials = read_trials(folder / "trials.csv")
     assert len(trials) == 3 and trials["trial_id"].is_unique
