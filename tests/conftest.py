@@ -17,10 +17,16 @@ prepare_environment(None)
 
 
 @pytest.fixture(autouse=True)
-def isolated_plugins():
-    """Whatever a test loads or registers (a fuzzed ``--plugin`` included) is undone after it."""
+def isolated_process_state():
+    """What a command changes for its whole process is undone after each test: the plugins it loaded
+    or registered (a fuzzed ``--plugin`` included) and torch's thread count (``--threads``), which
+    would change later tests' floating-point sums."""
+    import torch
+
+    threads = torch.get_num_threads()
     with plugin.isolated():
         yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
