@@ -1,6 +1,6 @@
 """Trials starting together: fairtune's `max_concurrent_trials` = the cluster's slots, against Tune's
 own default for a custom searcher, which keeps one trial starting at a time (docs/ray.md, "Tune API
-details"; `TUNE_MAX_PENDING_TRIALS_PG=1` reproduces it exactly). Short trials (1 epoch, 200 images)
+details the code depends on"; `TUNE_MAX_PENDING_TRIALS_PG=1` reproduces it exactly). Short trials (1 epoch, 200 images)
 so that starting a trial's worker is a large part of each one, as it is for packed GPU trials. The
 same search (AD's λ, no teacher to train) runs in both arms, interleaved, on a local Ray.
 Needs Ray and the Fashion-MNIST files.
