@@ -125,7 +125,7 @@ def _add_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=_positive_int, default=16, help="trials (default 16)")
     p.add_argument("--grace-period", type=_positive_int, default=None, help="ASHA's first rung in epochs of the main stage (default E/10; FitNet: after its hint stage)")
     p.add_argument("--reduction-factor", type=_reduction, default=3, help="ASHA's reduction factor (default 3)")
-    p.add_argument("--max-concurrent", type=_positive_int, default=None, help="trials of one search running at once (default: as many as the cluster holds, by --cpus/--gpus-per-trial)")
+    p.add_argument("--max-concurrent", type=_positive_int, default=None, help="trials of one search started together and running at once (default: as resources allow, started one at a time)")
     _add_cluster(p)
     p.add_argument("--max-failures", type=_non_negative_int, default=2, help="retries of a crashed trial from its last checkpoint")
 

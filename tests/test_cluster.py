@@ -60,18 +60,6 @@ def token_env(tmp_path, monkeypatch):
     return home
 
 
-@pytest.mark.parametrize("resources, cpus, gpus, slots", [
-    ({"CPU": 16, "GPU": 1}, 1, 0.125, 8),  # the GPU bounds: the H200 packing `--gpus-per-trial auto` picks
-    ({"CPU": 2, "GPU": 1}, 1, 0.5, 2),
-    ({"CPU": 2}, 1, 0, 2),  # a CPU-only machine: CPUs alone
-    ({"CPU": 5, "GPU": 2}, 2, 0.3, 2),  # rounds down: a third trial would wait for CPUs
-    ({"CPU": 3, "GPU": 0.3}, 1, 0.1, 3),  # 0.3 / 0.1 is 2.9999999999999996 in floats
-    ({"CPU": 1}, 4, 0, 1),  # never below one (check_resources refuses what cannot run at all)
-])
-def test_trial_slots_divide_the_clusters_totals_by_one_trials_request(resources, cpus, gpus, slots):
-    assert cluster_module.trial_slots(resources, cpus, gpus) == slots
-
-
 def test_the_token_is_found_where_ray_looks_for_it(token_env, tmp_path, monkeypatch):
     assert cluster_module.find_token() == (None, str(token_env / ".ray" / "auth_token"))
     (token_env / ".ray").mkdir()

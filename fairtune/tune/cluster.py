@@ -223,16 +223,6 @@ def _refused_token(exc: BaseException | None) -> bool:
     return False
 
 
-def trial_slots(resources: dict, cpus_per_trial: float, gpus_per_trial: float) -> int:
-    """How many trials the cluster holds at once (at least 1), as its totals divide by one trial's request.
-
-    Passed to Tune as ``max_concurrent_trials``: without it Tune lets a custom searcher (fairtune's
-    LedgerSearcher) keep one trial starting at a time (``_get_max_pending_trials``), so a packed GPU
-    filled one trial per worker start (~10 s each on the H200, docs/ray.md)."""
-    fits = [resources.get(key, 0) / need for key, need in (("CPU", cpus_per_trial), ("GPU", gpus_per_trial)) if need > 0]
-    return max(1, int(min(fits) + 1e-9)) if fits else 1
-
-
 def check_resources(resources: dict, cpus_per_trial: float, gpus_per_trial: float) -> None:
     """Refuse a per-trial request no node could ever satisfy (Tune would wait forever)."""
     if cpus_per_trial > resources.get("CPU", 0):

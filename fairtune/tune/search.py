@@ -41,7 +41,7 @@ from fairtune.schedule import asha_plan
 from fairtune.selection import BEST, pareto_set, select_trial
 from fairtune.spaces import SPACES_DIR, SearchSpace, load_space
 from fairtune.teachers import TeacherProvider
-from fairtune.tune.cluster import check_resources, connect, trial_slots
+from fairtune.tune.cluster import check_resources, connect
 from fairtune.tune.ledger import (
     COMPLETED, ERROR, FINISHED, RUNNING, STOPPED, TRIAL_KEY, Ledger, TrialRecord, differences, trials_table,
 )
@@ -519,8 +519,7 @@ def run_search(settings: SearchSettings, say: Printer = print) -> BestConfig:
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=LedgerSearcher(ledger, study, space, num_samples, mode), scheduler=scheduler,
-                num_samples=launches,
-                max_concurrent_trials=settings.max_concurrent or trial_slots(resources, settings.cpus_per_trial, settings.gpus_per_trial),
+                num_samples=launches, max_concurrent_trials=settings.max_concurrent,
                 trial_name_creator=name, trial_dirname_creator=name,
             ),
             run_config=tune.RunConfig(
