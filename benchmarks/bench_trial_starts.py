@@ -1,9 +1,9 @@
 """Trials starting together (`--max-concurrent` = the cluster's slots) against the default, Tune's own
 for a custom searcher, which keeps one trial starting at a time (docs/ray.md, "Tune API details the
 code depends on"; `TUNE_MAX_PENDING_TRIALS_PG=1` pins it even with max_concurrent_trials set, so both
-arms pass the same settings). Short trials (1 epoch, 200 images)
-so that starting a trial's worker is a large part of each one, as it is for packed GPU trials. The
-same search (AD's λ, no teacher to train) runs in both arms, interleaved, on a local Ray.
+arms pass the same settings). Short trials (1 epoch, 200 images) so that starting a trial's worker
+is a large part of each one, as it is for packed GPU trials. The same search (AD's λ, no teacher to
+train) runs in both arms, interleaved, on a local Ray.
 Needs Ray and the Fashion-MNIST files.
 """
 
